@@ -59,7 +59,9 @@ class _Sequence:
 class LLM:
     def __init__(self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
         path = Path(path)
-        found = find_checkpoints(path)
+        # a folder with its own config.json is taken as the checkpoint (load_checkpoint says what
+        # is wrong with it); otherwise look for the one checkpoint inside
+        found = [path] if (path / "config.json").is_file() else find_checkpoints(path)
         if len(found) != 1:
             raise CheckpointError(f"{path} is not a converted checkpoint" if not found else
                                   f"{path} holds several checkpoints ({', '.join(p.name for p in found)}); pick one")

@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Generate text with a converted BitNet b1.58 checkpoint: one answer, or an interactive chat."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.checkpoint import CheckpointError, find_checkpoints
+from engine.convert import ConvertError, convert, default_output, read_source_info
+from engine.tokenizer import TokenizerError
+
+DEFAULT_CHECKPOINT = "checkpoints"
+HELP_COMMANDS = ("commands:\n"
+                 "  /reset         forget the conversation (the --system message stays)\n"
+                 "  /exit, /quit   leave (so do Ctrl-D and Ctrl-C at the prompt)\n"
+                 "  /help          this list\n"
+                 "Ctrl-C while an answer is printing stops that answer.")
+
+EPILOG = f"""\
+examples:
+  python generate.py ./checkpoints --interactive            chat with the model in ./checkpoints
+  python generate.py --prompt "The capital of France is"    one answer (CHECKPOINT defaults to checkpoints/)
+  python generate.py checkpoints/bitnet-b1.58-2B-4T --prompt "Write a haiku" --temperature 0.9 --seed 1
+  echo "Summarize: ..." | python generate.py                the prompt read from a pipe
+  python generate.py --prompt - < question.txt              the prompt read from a file
+  python generate.py --no-chat --prompt "def fib(n):" --greedy --stop $'\\n\\n'
+  python generate.py models/bitnet-b1.58-2B-4T              a Hugging Face download: converted once
+                                                            into checkpoints/<name>, then used
+
+CHECKPOINT may be a converted checkpoint, a folder holding converted checkpoints (you are asked
+which one when it holds several), or a Hugging Face BitNet model directory. Get a model with:
+  python convert_checkpoint.py microsoft/bitnet-b1.58-2B-4T
+
+modes: --prompt TEXT answers once and exits; --interactive chats. Without either, a piped stdin
+is read as the prompt, and a terminal gets the interactive chat. Answers go to stdout; notes and
+the speed line ("[N prompt tokens, M generated; prefill ... tok/s, decode ... tok/s]") go to stderr.
+
+chat vs plain: with --chat (the default when the tokenizer has a chat template) the input is
+wrapped in the model's chat format, and --interactive keeps the conversation, dropping the oldest
+exchanges when it outgrows the context. With --no-chat the text is continued as it is, and each
+interactive line is a separate prompt.
+
+{HELP_COMMANDS}
+
+exit status: 0 done, 1 an error (damaged checkpoint, failed conversion, prompt too long, ...),
+2 a usage problem (bad option value, no model found, several models and no terminal to ask),
+130 interrupted.
+"""
+
+NO_MODEL_HELP = """\
+Download and convert one first:
+  pip install -U huggingface_hub        (only if needed)
+  python convert_checkpoint.py microsoft/bitnet-b1.58-2B-4T
+or, from a local download:
+  hf download microsoft/bitnet-b1.58-2B-4T --local-dir models/bitnet-b1.58-2B-4T
+  python convert_checkpoint.py models/bitnet-b1.58-2B-4T"""
+
+
+class CliExit(Exception):
+    """Stop with a message on stderr and an exit status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---- arguments --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT, metavar="CHECKPOINT",
+                   help="a converted checkpoint, a folder of them, or a Hugging Face BitNet model directory "
+                        "(converted on the fly into checkpoints/<name>); default: %(default)s")
+
+    mode = p.add_argument_group("mode").add_mutually_exclusive_group()
+    mode.add_argument("--prompt", "-p", metavar="TEXT",
+                      help='answer TEXT once and exit; "-" reads the prompt from stdin (trailing newlines removed)')
+    mode.add_argument("--interactive", "-i", action="store_true",
+                      help="chat: type a message, read the answer, repeat; /help lists the commands")
+
+    fmt = p.add_argument_group("prompt format")
+    fmt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap prompts in the chat format (default: on when the tokenizer has a chat template); "
+                          "--no-chat continues the raw text instead (with BOS)")
+    fmt.add_argument("--system", metavar="TEXT", help="a system message that starts every chat conversation")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--temperature", "-t", type=float, default=0.7,
+                   help="randomness; 0 always picks the likeliest token (default: %(default)s)")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens only; 0: off (default: %(default)s)")
+    s.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling: the smallest set of tokens holding this much probability; 1: off "
+                        "(default: %(default)s)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already seen in the prompt or answer; 1: off (default: %(default)s)")
+    s.add_argument("--seed", type=int, help="random seed: the same seed and prompt give the same answer")
+    s.add_argument("--max-new-tokens", "-n", type=int, default=512,
+                   help="stop an answer after this many tokens (default: %(default)s)")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop the answer where TEXT appears (not printed); repeatable. For a newline in bash: "
+                        "--stop $'\\n'")
+    s.add_argument("--greedy", action="store_true", help="deterministic: same as --temperature 0")
+
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: %(default)s)")
+    h.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="activation precision (default: float32 on cpu)")
+    return p
+
+
+def build_params(args: argparse.Namespace) -> SamplingParams:
+    """The engine's SamplingParams from the command line; raises ValueError for bad values."""
+    return SamplingParams(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, stop=list(args.stop))
+
+
+# ---- finding the model -------------------------------------------------------------------------
+def is_hf_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory: config.json and safetensors weights (not necessarily BitNet)."""
+    return (path.is_dir() and (path / "config.json").is_file()
+            and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()))
+
+
+def no_model_message(path: Path, given: str) -> str:
+    """What to run when CHECKPOINT holds no converted model."""
+    hints = []
+    if not path.exists():
+        where = f"no converted model found: {given} does not exist."
+        if given != DEFAULT_CHECKPOINT:
+            hints.append("(to pass a prompt, use --prompt TEXT)")
+    elif path.is_dir():
+        where = f"no converted model found in {given.rstrip('/')}/."
+        unconverted = sorted(p for p in path.iterdir() if is_hf_model_dir(p))
+        if unconverted:
+            hints.append("It holds Hugging Face model directories; give one to convert and use it:")
+            hints += [f"  python generate.py {p}" for p in unconverted]
+    else:
+        where = f"no converted model found: {given} is a file, not a checkpoint directory."
+    return "\n".join([f"{where} {NO_MODEL_HELP}"] + hints)
+
+
+def choose(found: list[Path]) -> Path:
+    """Ask on the terminal which of several checkpoints to use (re-asks on bad input)."""
+    print("several converted checkpoints found:", file=sys.stderr)
+    for k, p in enumerate(found, 1):
+        print(f"  {k}. {p}", file=sys.stderr)
+    while True:
+        sys.stderr.write(f"which one? [1-{len(found)}]: ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise CliExit(2, "\nno checkpoint chosen")
+        answer = line.strip()
+        if answer.isdigit() and 1 <= int(answer) <= len(found):
+            return found[int(answer) - 1]
+        named = [p for p in found if answer and answer in (p.name, str(p))]
+        if named:
+            return named[0]
+        print(f"please type a number from 1 to {len(found)}", file=sys.stderr)
+
+
+def convert_on_the_fly(src: Path) -> Path:
+    """Convert a Hugging Face model directory into checkpoints/<name> once; reuse it afterwards."""
+    try:
+        read_source_info(src)
+    except ConvertError as e:
+        raise CliExit(1, f"error: {src} cannot be converted: {e}") from None
+    out = default_output(str(src.resolve()))
+    if out.resolve() == src.resolve():  # the download itself sits at checkpoints/<name>
+        out = out.with_name(out.name + "-converted")
+    if find_checkpoints(out) == [out]:
+        return out
+    if out.exists():
+        raise CliExit(1, f"error: {out} exists but is not a converted checkpoint; move it away, or convert "
+                         f"elsewhere: python convert_checkpoint.py {src} --output OTHER_FOLDER")
+    print(f"converting {src} into {out} once; next time run: python generate.py {out}", file=sys.stderr)
+    try:
+        return convert(str(src), out, progress=sys.stderr.isatty())
+    except (ConvertError, CheckpointError, OSError) as e:
+        raise CliExit(1, f"error: conversion failed: {e}") from None
+
+
+def resolve_checkpoint(given: str, can_ask: bool) -> Path:
+    """CHECKPOINT argument -> the directory of one converted checkpoint, or CliExit."""
+    path = Path(given).expanduser()
+    found = find_checkpoints(path)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        if can_ask:
+            return choose(found)
+        listing = "\n".join(f"  {p}" for p in found)
+        raise CliExit(2, f"{given} holds several converted checkpoints:\n{listing}\n"
+                         f"pass one of these paths, e.g.: python generate.py {found[0]}")
+    if is_hf_model_dir(path):
+        return convert_on_the_fly(path)
+    raise CliExit(2, no_model_message(path, given))
+
+
+def load_model(path: Path, device: str, dtype: str | None) -> LLM:
+    print(f"loading {path} ...", file=sys.stderr)
+    try:
+        return LLM(path, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    except (CheckpointError, TokenizerError, OSError) as e:
+        raise CliExit(1, f"error: {e}") from None
+    except RuntimeError as e:  # e.g. a device that is not available
+        raise CliExit(1, f"error: {e}") from None
+
+
+# ---- generation --------------------------------------------------------------------------------
+def stream_completion(llm: LLM, prompt_ids: list[int], params: SamplingParams, out=None):
+    """Print the answer piece by piece as it is decoded; return the engine's Completion."""
+    out = out or sys.stdout
+    gen = llm.stream(prompt_ids, params)
+    try:
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            out.write(piece)
+            out.flush()
+    finally:
+        gen.close()
+
+
+def encode_prompt(llm: LLM, text: str, chat: bool, system: str | None) -> list[int]:
+    if not chat:
+        return llm.encode(text)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return llm.tokenizer.encode_chat(messages)
+
+
+def run_once(llm: LLM, text: str, params: SamplingParams, chat: bool, system: str | None) -> int:
+    """One prompt -> its answer on stdout, the stats line on stderr."""
+    try:
+        ids = encode_prompt(llm, text, chat, system)
+        stream_completion(llm, ids, params)
+    except (ValueError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("[interrupted]", file=sys.stderr)
+        return 130
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(llm.last_stats.line(), file=sys.stderr)
+    return 0
+
+
+def answer_room(llm: LLM, params: SamplingParams) -> int:
+    """Tokens kept free for the answer when fitting a conversation: --max-new-tokens, at most half the context."""
+    return max(1, min(params.max_new_tokens, llm.context_length // 2))
+
+
+def fit_conversation(llm: LLM, system: list[dict], history: list[dict], user: dict, limit: int):
+    """Prompt ids for system + history + user within `limit` tokens, dropping the oldest user/assistant
+    pairs from `history` (in place) as needed. Returns (ids, pairs dropped); ids is None, and history
+    untouched, when even system + user alone do not fit."""
+    alone = llm.tokenizer.encode_chat(system + [user])
+    if len(alone) > limit:
+        return None, len(alone)
+    dropped = 0
+    while True:
+        ids = alone if not history else llm.tokenizer.encode_chat(system + history + [user])
+        if len(ids) <= limit:
+            return ids, dropped
+        del history[:2]
+        dropped += 1
+
+
+def chat_loop(llm: LLM, params: SamplingParams, chat: bool, system: str | None = None,
+              read=input, out=None, err=None) -> int:
+    """The interactive session. `read(prompt)` returns a line and raises EOFError at the end."""
+    out, err = out or sys.stdout, err or sys.stderr
+    sys_msgs = [{"role": "system", "content": system}] if (chat and system) else []
+    history: list[dict] = []
+    room = answer_room(llm, params)
+    limit = llm.context_length - room
+    if chat:
+        print(f"chat mode; context {llm.context_length} tokens. /help for commands, /exit or Ctrl-D to quit.", file=err)
+    else:
+        print("plain completion mode: each line is a prompt for the model to continue (no history). "
+              "/help for commands, /exit or Ctrl-D to quit.", file=err)
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            out.flush()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/") and " " not in text:
+            command = text.lower()
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                history.clear()
+                print("[conversation cleared]", file=err)
+            elif command == "/help":
+                print(HELP_COMMANDS, file=err)
+            else:
+                print(f"unknown command {text}; /help lists the commands", file=err)
+            continue
+
+        if chat:
+            user = {"role": "user", "content": text}
+            try:
+                ids, dropped = fit_conversation(llm, sys_msgs, history, user, limit)
+            except TokenizerError as e:
+                print(f"error: {e}", file=err)
+                continue
+            if ids is None:
+                print(f"[your message takes {dropped} tokens with the chat format; at most {limit} fit "
+                      f"(context {llm.context_length} minus {room} kept for the answer); it was not sent]", file=err)
+                continue
+            if dropped:
+                print(f"[dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} "
+                      f"to fit the {llm.context_length}-token context]", file=err)
+        else:
+            ids = llm.encode(text)
+        try:
+            completion = stream_completion(llm, ids, params, out)
+        except KeyboardInterrupt:
+            out.write("\n")
+            out.flush()
+            print("[interrupted]", file=err)
+            continue  # neither the user turn nor the partial answer enters the history
+        except (ValueError, TokenizerError) as e:
+            print(f"error: {e}", file=err)
+            continue
+        out.write("\n")
+        out.flush()
+        print(llm.last_stats.line(), file=err)
+        if chat:
+            history += [user, {"role": "assistant", "content": completion.text}]
+
+
+def read_stdin_prompt() -> str:
+    return sys.stdin.read().rstrip("\r\n")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        params = build_params(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.prompt is not None:
+        interactive = False
+    elif args.interactive:
+        interactive = True
+    else:
+        interactive = sys.stdin.isatty()
+
+    try:
+        path = resolve_checkpoint(args.checkpoint, can_ask=sys.stdin.isatty())
+        text = None
+        if not interactive:
+            text = read_stdin_prompt() if args.prompt in (None, "-") else args.prompt
+            if not text.strip():
+                raise CliExit(2, "error: the prompt is empty")
+        llm = load_model(path, args.device, args.dtype)
+    except CliExit as e:
+        print(e.message, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+    chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
+    if args.system and not chat:
+        print("note: --system is ignored in plain completion mode (--no-chat, or no chat template)", file=sys.stderr)
+    try:
+        if interactive:
+            if sys.stdin.isatty():
+                try:
+                    import readline  # noqa: F401  (line editing and history for input())
+                except ImportError:
+                    pass
+            return chat_loop(llm, params, chat, args.system)
+        return run_once(llm, text, params, chat, args.system)
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
