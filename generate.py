@@ -2,6 +2,7 @@
 """Generate text with a converted BitNet b1.58 checkpoint: one answer, or an interactive chat."""
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ wrapped in the model's chat format, and --interactive keeps the conversation, dr
 exchanges when it outgrows the context. With --no-chat the text is continued as it is, and each
 interactive line is a separate prompt.
 
-{HELP_COMMANDS}
+interactive {HELP_COMMANDS}
 
 exit status: 0 done, 1 an error (damaged checkpoint, failed conversion, prompt too long, ...),
 2 a usage problem (bad option value, no model found, several models and no terminal to ask),
@@ -69,6 +70,14 @@ class CliExit(Exception):
         self.message = message
 
 
+class MessageTooLong(Exception):
+    """Even the system message plus the new user message leave no room for the answer."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"{tokens} tokens")
+        self.tokens = tokens
+
+
 # ---- arguments --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,16 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--system", metavar="TEXT", help="a system message that starts every chat conversation")
 
     s = p.add_argument_group("sampling")
-    s.add_argument("--temperature", "-t", type=float, default=0.7,
+    s.add_argument("--temperature", "-t", type=float, default=0.7, metavar="T",
                    help="randomness; 0 always picks the likeliest token (default: %(default)s)")
-    s.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens only; 0: off (default: %(default)s)")
-    s.add_argument("--top-p", type=float, default=0.95,
+    s.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens only; 0: off (default: %(default)s)")
+    s.add_argument("--top-p", type=float, default=0.95, metavar="P",
                    help="nucleus sampling: the smallest set of tokens holding this much probability; 1: off "
                         "(default: %(default)s)")
-    s.add_argument("--repetition-penalty", type=float, default=1.0,
+    s.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="> 1 discourages tokens already seen in the prompt or answer; 1: off (default: %(default)s)")
-    s.add_argument("--seed", type=int, help="random seed: the same seed and prompt give the same answer")
-    s.add_argument("--max-new-tokens", "-n", type=int, default=512,
+    s.add_argument("--seed", type=int, metavar="N", help="random seed: the same seed and prompt give the same answer")
+    s.add_argument("--max-new-tokens", "-n", type=int, default=512, metavar="N",
                    help="stop an answer after this many tokens (default: %(default)s)")
     s.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop the answer where TEXT appears (not printed); repeatable. For a newline in bash: "
@@ -180,7 +189,8 @@ def convert_on_the_fly(src: Path) -> Path:
                          f"elsewhere: python convert_checkpoint.py {src} --output OTHER_FOLDER")
     print(f"converting {src} into {out} once; next time run: python generate.py {out}", file=sys.stderr)
     try:
-        return convert(str(src), out, progress=sys.stderr.isatty())
+        with contextlib.redirect_stdout(sys.stderr):  # convert() prints notes; stdout is for the answer
+            return convert(str(src), out, progress=sys.stderr.isatty())
     except (ConvertError, CheckpointError, OSError) as e:
         raise CliExit(1, f"error: conversion failed: {e}") from None
 
@@ -206,9 +216,7 @@ def load_model(path: Path, device: str, dtype: str | None) -> LLM:
     print(f"loading {path} ...", file=sys.stderr)
     try:
         return LLM(path, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    except (CheckpointError, TokenizerError, OSError) as e:
-        raise CliExit(1, f"error: {e}") from None
-    except RuntimeError as e:  # e.g. a device that is not available
+    except (CheckpointError, TokenizerError, OSError, RuntimeError) as e:  # RuntimeError: device not available
         raise CliExit(1, f"error: {e}") from None
 
 
@@ -260,13 +268,14 @@ def answer_room(llm: LLM, params: SamplingParams) -> int:
     return max(1, min(params.max_new_tokens, llm.context_length // 2))
 
 
-def fit_conversation(llm: LLM, system: list[dict], history: list[dict], user: dict, limit: int):
+def fit_conversation(llm: LLM, system: list[dict], history: list[dict], user: dict,
+                     limit: int) -> tuple[list[int], int]:
     """Prompt ids for system + history + user within `limit` tokens, dropping the oldest user/assistant
-    pairs from `history` (in place) as needed. Returns (ids, pairs dropped); ids is None, and history
-    untouched, when even system + user alone do not fit."""
+    pairs from `history` (in place) as needed. Returns (ids, pairs dropped). Raises MessageTooLong,
+    leaving history untouched, when even system + user alone do not fit."""
     alone = llm.tokenizer.encode_chat(system + [user])
     if len(alone) > limit:
-        return None, len(alone)
+        raise MessageTooLong(len(alone))
     dropped = 0
     while True:
         ids = alone if not history else llm.tokenizer.encode_chat(system + history + [user])
@@ -276,73 +285,88 @@ def fit_conversation(llm: LLM, system: list[dict], history: list[dict], user: di
         dropped += 1
 
 
+class ChatSession:
+    """An interactive session's state: the conversation (chat mode) and where text goes."""
+
+    def __init__(self, llm: LLM, params: SamplingParams, chat: bool, system: str | None, out, err):
+        self.llm, self.params, self.chat, self.out, self.err = llm, params, chat, out, err
+        self.system = [{"role": "system", "content": system}] if (chat and system) else []
+        self.history: list[dict] = []  # alternating user / assistant messages
+        self.room = answer_room(llm, params)
+        self.limit = llm.context_length - self.room
+
+    def note(self, text: str) -> None:
+        print(text, file=self.err)
+
+    def prompt_ids(self, user: dict) -> list[int] | None:
+        """The chat prompt for a new user message, old exchanges dropped as needed; None: not sendable."""
+        try:
+            ids, dropped = fit_conversation(self.llm, self.system, self.history, user, self.limit)
+        except MessageTooLong as e:
+            self.note(f"[your message takes {e.tokens} tokens with the chat format; at most {self.limit} fit "
+                      f"(context {self.llm.context_length} minus {self.room} kept for the answer); it was not sent]")
+            return None
+        if dropped:
+            self.note(f"[dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} "
+                      f"to fit the {self.llm.context_length}-token context]")
+        return ids
+
+    def answer(self, text: str) -> None:
+        """Stream the answer to one input line; in chat mode the exchange joins the conversation."""
+        if not self.chat:
+            ids, user = self.llm.encode(text), None
+        else:
+            user = {"role": "user", "content": text}
+            ids = self.prompt_ids(user)
+            if ids is None:
+                return
+        completion = stream_completion(self.llm, ids, self.params, self.out)
+        self.out.write("\n")
+        self.out.flush()
+        self.note(self.llm.last_stats.line())
+        if user is not None:
+            self.history += [user, {"role": "assistant", "content": completion.text}]
+
+
 def chat_loop(llm: LLM, params: SamplingParams, chat: bool, system: str | None = None,
               read=input, out=None, err=None) -> int:
-    """The interactive session. `read(prompt)` returns a line and raises EOFError at the end."""
-    out, err = out or sys.stdout, err or sys.stderr
-    sys_msgs = [{"role": "system", "content": system}] if (chat and system) else []
-    history: list[dict] = []
-    room = answer_room(llm, params)
-    limit = llm.context_length - room
+    """The interactive session. `read(prompt)` returns a line and raises EOFError at the end (input())."""
+    session = ChatSession(llm, params, chat, system, out or sys.stdout, err or sys.stderr)
     if chat:
-        print(f"chat mode; context {llm.context_length} tokens. /help for commands, /exit or Ctrl-D to quit.", file=err)
+        session.note(f"chat mode; context {llm.context_length} tokens. /help for commands, /exit or Ctrl-D to quit.")
     else:
-        print("plain completion mode: each line is a prompt for the model to continue (no history). "
-              "/help for commands, /exit or Ctrl-D to quit.", file=err)
+        session.note("plain completion mode: each line is a prompt for the model to continue (no history). "
+                     "/help for commands, /exit or Ctrl-D to quit.")
     while True:
         try:
             line = read("> ")
         except (EOFError, KeyboardInterrupt):
-            out.write("\n")
-            out.flush()
+            session.out.write("\n")
+            session.out.flush()
             return 0
         text = line.strip()
         if not text:
             continue
-        if text.startswith("/") and " " not in text:
+        if text.startswith("/") and " " not in text:  # a command (a message may still start with "/ ...")
             command = text.lower()
             if command in ("/exit", "/quit"):
                 return 0
             if command == "/reset":
-                history.clear()
-                print("[conversation cleared]", file=err)
+                session.history.clear()
+                session.note("[conversation cleared]")
             elif command == "/help":
-                print(HELP_COMMANDS, file=err)
+                session.note(HELP_COMMANDS)
             else:
-                print(f"unknown command {text}; /help lists the commands", file=err)
+                session.note(f"unknown command {text}; /help lists the commands")
             continue
-
-        if chat:
-            user = {"role": "user", "content": text}
-            try:
-                ids, dropped = fit_conversation(llm, sys_msgs, history, user, limit)
-            except TokenizerError as e:
-                print(f"error: {e}", file=err)
-                continue
-            if ids is None:
-                print(f"[your message takes {dropped} tokens with the chat format; at most {limit} fit "
-                      f"(context {llm.context_length} minus {room} kept for the answer); it was not sent]", file=err)
-                continue
-            if dropped:
-                print(f"[dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} "
-                      f"to fit the {llm.context_length}-token context]", file=err)
-        else:
-            ids = llm.encode(text)
         try:
-            completion = stream_completion(llm, ids, params, out)
-        except KeyboardInterrupt:
-            out.write("\n")
-            out.flush()
-            print("[interrupted]", file=err)
-            continue  # neither the user turn nor the partial answer enters the history
+            session.answer(text)
+        except KeyboardInterrupt:  # neither the user turn nor the partial answer enters the history
+            session.out.write("\n")
+            session.out.flush()
+            session.note("[interrupted]")
         except (ValueError, TokenizerError) as e:
-            print(f"error: {e}", file=err)
-            continue
-        out.write("\n")
-        out.flush()
-        print(llm.last_stats.line(), file=err)
-        if chat:
-            history += [user, {"role": "assistant", "content": completion.text}]
+            session.note(f"error: {e}")
 
 
 def read_stdin_prompt() -> str:

@@ -46,11 +46,13 @@ EXACT_FP32_MAX_K = (1 << 24) // 128
 def int_dot(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """Exact int32 dot products x_q [M, K] (int8) @ w_t [N, K]^T (ternary int8) -> [M, N].
 
-    Uses a floating-point GEMM on integer-valued operands: exact because no partial sum can
-    exceed the float's integer range (fp32 up to K = 131072, fp64 beyond), and fast on CPU.
+    On the CPU, torch's int8 GEMM accumulates in int32. Elsewhere (the reference ops on another
+    device), a floating-point GEMM on integer-valued operands, exact because no partial sum can
+    leave the float's integer range (fp32 up to K = 131072, fp64 beyond).
     """
-    k = x_q.shape[-1]
-    ftype = torch.float32 if k <= EXACT_FP32_MAX_K else torch.float64
+    if x_q.device.type == "cpu":
+        return torch._int_mm(x_q.contiguous(), w_t.t())
+    ftype = torch.float32 if x_q.shape[-1] <= EXACT_FP32_MAX_K else torch.float64
     return (x_q.to(ftype) @ w_t.to(ftype).t()).to(torch.int32)
 
 
