@@ -140,7 +140,7 @@ def no_model_message(path: Path, given: str) -> str:
     hints = []
     if not path.exists():
         where = f"no converted model found: {given} does not exist."
-        if given != DEFAULT_CHECKPOINT:
+        if Path(given) != Path(DEFAULT_CHECKPOINT):  # likely a prompt typed as the positional argument
             hints.append("(to pass a prompt, use --prompt TEXT)")
     elif path.is_dir():
         where = f"no converted model found in {given.rstrip('/')}/."

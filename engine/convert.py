@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .checkpoint import CONFIG_FILE, CheckpointWriter, PROJECTIONS
+from .checkpoint import CheckpointWriter, PROJECTIONS
 from .config import ConfigError, ModelConfig
 from .quant import pack_ternary, ternarize
 from .tokenizer import TokenizerError, load_tokenizer
@@ -62,7 +63,7 @@ def resolve_source(src: str) -> Path:
         raise ConvertError(f"no such directory: {src}")
     try:
         from huggingface_hub import snapshot_download
-        print(f"downloading {src} from the Hugging Face hub ...")
+        print(f"downloading {src} from the Hugging Face hub ...", file=sys.stderr)
         return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
     except Exception as e:
         raise ConvertError(f"{src} is not a local directory and could not be downloaded from the hub: {e}") from None
@@ -240,8 +241,10 @@ def bf16(weights: SafetensorsSource, key: str, shape: tuple[int, ...]) -> torch.
 
 
 def default_output(src: str) -> Path:
-    name = Path(src.rstrip("/")).name or "model"
-    return Path("checkpoints") / name
+    """checkpoints/<name>: the directory's own name, or the repo id's model name."""
+    path = Path(src).expanduser()
+    name = path.resolve().name if path.exists() else src.rstrip("/").split("/")[-1]
+    return Path("checkpoints") / (name or "model")
 
 
 def convert(src: str, output: Path | None = None, force: bool = False, progress: bool = True) -> Path:
@@ -261,7 +264,8 @@ def convert(src: str, output: Path | None = None, force: bool = False, progress:
         tokenizer = copy_tokenizer(src_dir, tmp)
         cfg = model_config_from_hf(info, weights, tokenizer.end_token_ids())
         if tokenizer.vocab_size > cfg.vocab_size:
-            print(f"warning: the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
+            print(f"warning: the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}",
+                  file=sys.stderr)
         write_weights(weights, info, cfg, tmp, progress)
         replace_dir(tmp, output)
     except BaseException:
@@ -316,5 +320,7 @@ def replace_dir(tmp: Path, output: Path) -> None:
         os.replace(output, old)
     os.replace(tmp, output)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    assert (output / CONFIG_FILE).is_file()
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
