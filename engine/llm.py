@@ -56,6 +56,20 @@ class _Sequence:
     finish_reason: str | None = None
 
 
+def make_ops(device: torch.device, dtype: torch.dtype | None) -> TorchOps:
+    """The exact reference ops on the CPU (fp32 by default), the CUDA kernels on a GPU (bf16)."""
+    if device.type == "cpu":
+        return TorchOps(dtype or torch.float32, device)
+    if device.type == "cuda":
+        from .cuda_ops import CudaOps
+        from .kernels import KernelsUnavailable
+        try:
+            return CudaOps(dtype or torch.bfloat16, device)
+        except KernelsUnavailable as e:
+            raise RuntimeError(f"device 'cuda' is not usable: {e}") from None
+    raise RuntimeError(f"unsupported device {device.type!r}; use 'cpu' or 'cuda'")
+
+
 class LLM:
     def __init__(self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
         path = Path(path)
@@ -66,13 +80,9 @@ class LLM:
             raise CheckpointError(f"{path} is not a converted checkpoint" if not found else
                                   f"{path} holds several checkpoints ({', '.join(p.name for p in found)}); pick one")
         self.path = found[0]
-        device = torch.device(device)
-        if device.type != "cpu":
-            raise RuntimeError(f"device {device.type!r} is not available yet: the CUDA kernels arrive with the "
-                               "kernel issue; use device='cpu' (the exact reference path)")
+        self.ops = make_ops(torch.device(device), dtype)
         self.config, tensors = load_checkpoint(self.path)
         self.tokenizer = load_tokenizer(self.path)
-        self.ops = TorchOps(dtype or torch.float32, device)
         self.model = BitNetModel(self.config, tensors, self.ops)
         self.end_ids = set(self.config.eos_token_ids) | set(self.tokenizer.end_token_ids())
         self.context_length = self.config.max_position_embeddings
@@ -162,7 +172,7 @@ class LLM:
             logits = self.model.forward(torch.tensor([s.prompt], device=device),
                                         torch.arange(n, device=device)[None], cache,
                                         torch.tensor([i], device=device))
-            piece = self._accept(s, sample(logits[0], params, self._seen(s), s.generator))
+            piece = self._accept(s, sample(logits[0].cpu(), params, self._seen(s), s.generator))
             if piece:
                 yield i, piece
         stats.prefill_seconds = time.perf_counter() - start
@@ -174,7 +184,7 @@ class LLM:
                 break
             ids = torch.tensor([[seqs[i].output[-1]] for i in active], device=device)
             positions = torch.tensor([[len(seqs[i].prompt) + len(seqs[i].output) - 1] for i in active], device=device)
-            logits = self.model.forward(ids, positions, cache, torch.tensor(active, device=device))
+            logits = self.model.forward(ids, positions, cache, torch.tensor(active, device=device)).cpu()
             for row, i in enumerate(active):
                 s = seqs[i]
                 piece = self._accept(s, sample(logits[row], params, self._seen(s), s.generator))

@@ -25,10 +25,15 @@ from .quant import dequantize, int_dot, quantize_activations, rmsnorm, unpack_co
 class TernaryWeight:
     """A BitLinear weight made of one or more projections fused along the output dim (q|k|v,
     gate|up). Each segment keeps its own scale."""
-    weight: torch.Tensor          # backend-specific layout; reference: ternary int8 [N, K]
-    row_scale: torch.Tensor       # fp32 [N]: each output row's segment scale
-    segments: tuple[int, ...]     # output rows per fused projection
+    weight: torch.Tensor             # backend-specific layout; reference: ternary int8 [N, K]
+    segments: tuple[int, ...]        # output rows per fused projection
+    scales: tuple[float, ...]        # each segment's fp32 scale
     in_features: int
+    row_scale: torch.Tensor | None = None  # reference only: fp32 [N], each row's segment scale
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.segments)
 
 
 class TorchOps:
@@ -41,15 +46,15 @@ class TorchOps:
     # ---- loading ----------------------------------------------------------------------------
     def prepare_linear(self, parts: list[tuple[torch.Tensor, torch.Tensor]], in_features: int) -> TernaryWeight:
         """parts: [(canonical packed codes uint8 [N_i, ceil(K/4)], scale fp32 [1]), ...] -> TernaryWeight."""
-        rows, scales, segments = [], [], []
+        rows, row_scales = [], []
         for codes, scale in parts:
             raw = unpack_codes(codes.to(self.device), in_features)
             if bool((raw == 3).any()):
                 raise ValueError("packed weights hold the invalid 2-bit code 3; the checkpoint is corrupt")
             rows.append(raw.to(torch.int8) - 1)
-            scales.append(scale.to(self.device, torch.float32).expand(raw.shape[0]))
-            segments.append(raw.shape[0])
-        return TernaryWeight(torch.cat(rows), torch.cat(scales), tuple(segments), in_features)
+            row_scales.append(scale.to(self.device, torch.float32).expand(raw.shape[0]))
+        return TernaryWeight(torch.cat(rows), tuple(r.shape[0] for r in rows), tuple(float(s) for _, s in parts),
+                             in_features, torch.cat(row_scales))
 
     # ---- primitives -------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

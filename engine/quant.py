@@ -25,9 +25,14 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32 (x * rsqrt(mean(x^2) + eps) * weight), result in fp32."""
+    """RMSNorm in fp32: x * (1 / sqrt(mean(x^2) + eps)) * weight.
+
+    The sum of squares is taken in fp64 (exact squares, so any summation order rounds to the same
+    fp32 mean) and sqrt and division are IEEE-rounded: a parallel GPU reduction reproduces it exactly.
+    """
     x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    mean_sq = (x.double().square().sum(dim=-1, keepdim=True) / x.shape[-1]).float()
+    return x * (1.0 / torch.sqrt(mean_sq + eps)) * weight.float()
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,262 @@
+// W2A8 GEMV / small-M GEMM: int8 activations x 2-bit ternary weights on the int8 tensor cores.
+//
+// Math: each weight is stored as the code c = w + 1 in {0, 1, 2}. mma.m16n8k32 (s8 x s8 -> s32)
+// accumulates sum_k c * x exactly, and sum_k w * x = sum_k c * x - sum_k x, so the kernel also sums
+// the activations (dp4a against 0x01010101) and subtracts once in the epilogue. No decode beyond a
+// shift and a mask: (word >> 2u) & 0x03030303 is directly an A-operand register.
+//
+// Tiled weight layout (built on the GPU by repack_ternary from the checkpoint's canonical packing):
+// for row tile t (output rows 16t .. 16t+15), chunk c (inputs 128c .. 128c+127) and lane L of a
+// warp (g = L / 4, q = L % 4), 16 bytes = 4 words; in word s, byte b, bits 2u .. 2u+1 hold the code of
+//     row 16t + g + 8 * (u & 1),   input 128c + 32q + 8s + 4 * (u >> 1) + b.
+// u is the A register index of the MMA fragment (rows g / g+8, k = 4q+b / 16+4q+b), s the k-step.
+// The k order inside a chunk is permuted so that lane q's B fragments for all four k-steps are the
+// 32 contiguous activation bytes 128c + 32q .. 128c + 32q + 31: activations are read straight from
+// global memory (L2) with two 16-byte loads, no shared-memory staging, no layout change.
+// A warp reads one 512-byte tile per chunk: fully coalesced.
+//
+// Parallelism: a block owns RT row tiles and 8 * NT tokens; its warps split the chunks (K) between
+// them, each issuing all the loads of UNROLL chunks before the first MMA, then the partial int32
+// sums are added in shared memory (exact, order-free) and the epilogue writes the outputs.
+
+#include <cuda_bf16.h>
+
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace bitnet {
+namespace {
+
+constexpr int kUnroll = 4;
+constexpr uint32_t kZeroCodes = 0x55555555u;  // every 2-bit field = 1: weight 0 (padding)
+
+__global__ void repack_kernel(const uint8_t* __restrict__ canonical, int n, int k, int nchunks,
+                              uint32_t* __restrict__ tiled, long long total_words, int* invalid) {
+  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= total_words) return;
+  const int s = idx & 3, lane = (idx >> 2) & 31;
+  const long long tile_chunk = idx >> 7;
+  const int c = tile_chunk % nchunks, t = tile_chunk / nchunks;
+  const int g = lane >> 2, q = lane & 3;
+  const int row_bytes = (k + 3) / 4;
+  uint32_t word = 0;
+  int bad = 0;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int row = t * kTileRows + g + 8 * (u & 1);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int col = c * kChunkK + 32 * q + 8 * s + 4 * (u >> 1) + b;
+      uint32_t code = 1;
+      if (row < n && col < k) {
+        code = (canonical[(size_t)row * row_bytes + (col >> 2)] >> (2 * (col & 3))) & 3u;
+        bad |= code == 3;
+      }
+      word |= code << (8 * b + 2 * u);
+    }
+  }
+  tiled[idx] = word;
+  if (bad) atomicExch(invalid, 1);
+}
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Weights are read once: stream them past L1.
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return static_cast<float>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return v;
+}
+
+template <int RT, int NT, typename Out>
+__global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale,
+                                                   int m, int k_stride, const uint4* __restrict__ w, int n,
+                                                   int ntiles, int nchunks, Segments seg,
+                                                   const Out* __restrict__ residual, Out* __restrict__ out) {
+  extern __shared__ int smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int tile0 = blockIdx.x * RT;
+  const int tok0 = blockIdx.y * 8 * NT;
+
+  int acc[RT][NT][4];
+  int xsum[NT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][t][i] = 0;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) xsum[t] = 0;
+
+  for (int base = warp; base < nchunks; base += nwarps * kUnroll) {
+    uint32_t wv[kUnroll][RT][4];
+    uint32_t xv[kUnroll][NT][8];
+    // issue every load of kUnroll chunks before the first use
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + u * nwarps;
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        uint4 v = make_uint4(kZeroCodes, kZeroCodes, kZeroCodes, kZeroCodes);
+        if (c < nchunks && tile0 + r < ntiles) v = load_weights(w + ((size_t)(tile0 + r) * nchunks + c) * 32 + lane);
+        wv[u][r][0] = v.x, wv[u][r][1] = v.y, wv[u][r][2] = v.z, wv[u][r][3] = v.w;
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const int tok = tok0 + g + 8 * t;
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+        if (c < nchunks && tok < m) {
+          const uint4* p = reinterpret_cast<const uint4*>(x_q + (size_t)tok * k_stride + c * kChunkK + 32 * q);
+          lo = __ldg(p);
+          hi = __ldg(p + 1);
+        }
+        xv[u][t][0] = lo.x, xv[u][t][1] = lo.y, xv[u][t][2] = lo.z, xv[u][t][3] = lo.w;
+        xv[u][t][4] = hi.x, xv[u][t][5] = hi.y, xv[u][t][6] = hi.z, xv[u][t][7] = hi.w;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * nwarps >= nchunks) break;  // warp-uniform
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xsum[t] = __dp4a(static_cast<int>(xv[u][t][i]), 0x01010101, xsum[t]);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const uint32_t word = wv[u][r][s];
+          const uint32_t a0 = word & 0x03030303u, a1 = (word >> 2) & 0x03030303u;
+          const uint32_t a2 = (word >> 4) & 0x03030303u, a3 = (word >> 6) & 0x03030303u;
+#pragma unroll
+          for (int t = 0; t < NT; ++t) mma_s8(acc[r][t], a0, a1, a2, a3, xv[u][t][2 * s], xv[u][t][2 * s + 1]);
+        }
+      }
+    }
+  }
+
+  // each token's activation sum: lanes 4g .. 4g+3 hold the parts of token g (+ 8t)
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    xsum[t] += __shfl_xor_sync(0xffffffffu, xsum[t], 1);
+    xsum[t] += __shfl_xor_sync(0xffffffffu, xsum[t], 2);
+  }
+  constexpr int kPerBlock = RT * NT * 128;  // accumulator ints per warp
+  int* partial = smem;                      // [nwarps][RT][NT][32 lanes][4]
+  int* sums = smem + nwarps * kPerBlock;    // [nwarps][8 * NT]
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp * kPerBlock + ((r * NT + t) * 32 + lane) * 4 + i] = acc[r][t][i];
+  if (q == 0) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) sums[warp * 8 * NT + 8 * t + g] = xsum[t];
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < kPerBlock; e += blockDim.x) {
+    const int i = e & 3, ln = (e >> 2) & 31, rt = e >> 7;
+    const int r = rt / NT, t = rt % NT;
+    const int row = (tile0 + r) * kTileRows + (ln >> 2) + 8 * (i >> 1);
+    const int local_tok = 8 * t + 2 * (ln & 3) + (i & 1);
+    const int tok = tok0 + local_tok;
+    if (row >= n || tok >= m) continue;
+    int dot = 0;
+    for (int v = 0; v < nwarps; ++v) dot += partial[v * kPerBlock + e] - sums[v * 8 * NT + local_tok];
+    const size_t o = (size_t)tok * n + row;
+    if constexpr (std::is_same_v<Out, int>) {
+      out[o] = dot;
+    } else {
+      float scale = seg.scale[0];
+#pragma unroll
+      for (int j = 1; j < kMaxSegments; ++j)
+        if (j < seg.count && row >= seg.end[j - 1]) scale = seg.scale[j];
+      // exactly the reference epilogue: (acc * w_scale) / x_scale (+ residual), IEEE-rounded fp32
+      float y = __fdiv_rn(__fmul_rn(static_cast<float>(dot), scale), x_scale[tok]);
+      if (residual != nullptr) y = __fadd_rn(y, to_float(residual[o]));
+      out[o] = from_float<Out>(y);
+    }
+  }
+}
+
+template <int RT, int NT, typename Out>
+cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
+                   const Segments& seg, const void* residual, void* out, int warps, cudaStream_t stream) {
+  const int ntiles = ceil_div(n, kTileRows), nchunks = ceil_div(k, kChunkK);
+  const dim3 grid(ceil_div(ntiles, RT), ceil_div(m, 8 * NT));
+  const size_t smem = (size_t)warps * (RT * NT * 128 + 8 * NT) * sizeof(int);
+  gemm_kernel<RT, NT, Out><<<grid, warps * 32, smem, stream>>>(
+      x_q, x_scale, m, nchunks * kChunkK, reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
+      static_cast<const Out*>(residual), static_cast<Out*>(out));
+  return cudaGetLastError();
+}
+
+template <typename Out>
+cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
+                     const Segments& seg, const void* residual, void* out, GemmConfig cfg, cudaStream_t stream) {
+  const int nchunks = ceil_div(k, kChunkK);
+  // enough warps that each issues one round of kUnroll chunks, at most 16 (512 threads)
+  int warps = cfg.warps > 0 ? cfg.warps : ceil_div(nchunks, kUnroll);
+  warps = warps < 1 ? 1 : (warps > 16 ? 16 : warps);
+  int rt = cfg.row_tiles_per_block > 0 ? cfg.row_tiles_per_block : (m <= 4 ? 1 : 2);
+  if (m <= 8) {
+    if (rt >= 4) return launch<4, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+    if (rt == 2) return launch<2, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+    return launch<1, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+  }
+  if (rt >= 2) return launch<2, 2, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+  return launch<1, 2, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+}
+
+}  // namespace
+
+cudaError_t repack_ternary(const uint8_t* canonical, int n, int k, uint32_t* tiled, int* invalid,
+                           cudaStream_t stream) {
+  const long long words = (long long)ceil_div(n, kTileRows) * ceil_div(k, kChunkK) * 32 * 4;
+  const int threads = 256;
+  repack_kernel<<<(unsigned)((words + threads - 1) / threads), threads, 0, stream>>>(
+      canonical, n, k, ceil_div(k, kChunkK), tiled, words, invalid);
+  return cudaGetLastError();
+}
+
+cudaError_t w2a8_gemm(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
+                      const Segments& segments, const void* residual, void* out, DType out_dtype,
+                      GemmConfig config, cudaStream_t stream) {
+  if (m <= 0 || n <= 0 || k <= 0 || segments.count < 1 || segments.count > kMaxSegments) return cudaErrorInvalidValue;
+  switch (out_dtype) {
+    case DType::kInt32:
+      return dispatch<int>(x_q, x_scale, m, tiled, n, k, segments, residual, out, config, stream);
+    case DType::kFloat32:
+      return dispatch<float>(x_q, x_scale, m, tiled, n, k, segments, residual, out, config, stream);
+    case DType::kBFloat16:
+      return dispatch<__nv_bfloat16>(x_q, x_scale, m, tiled, n, k, segments, residual, out, config, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace bitnet

@@ -1,0 +1,44 @@
+"""The model's ops on the GPU: the CUDA kernels where they exist, the reference ops elsewhere.
+
+Same numbers as TorchOps (engine/ops.py), bit for bit where a kernel replaces a reference op:
+activation quantization (plain and fused with RMSNorm) and the W2A8 BitLinear.
+"""
+
+import itertools
+
+import torch
+
+from . import kernels
+from .ops import TernaryWeight, TorchOps
+
+
+class CudaOps(TorchOps):
+    name = "cuda"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device | str = "cuda"):
+        super().__init__(dtype, device)
+        kernels.load()
+
+    def prepare_linear(self, parts, in_features: int) -> TernaryWeight:
+        """Fused projections are concatenated along the output dim and repacked once on the GPU."""
+        codes = torch.cat([c for c, _ in parts]).to(self.device)
+        segments = tuple(c.shape[0] for c, _ in parts)
+        tiled = kernels.repack(codes, codes.shape[0], in_features)
+        return TernaryWeight(tiled, segments, tuple(float(s) for _, s in parts), in_features)
+
+    def quantize(self, x):
+        x_q, scale = kernels.quantize(x.reshape(-1, x.shape[-1]))
+        return x_q.view(*x.shape), scale.view(*x.shape[:-1], 1)
+
+    def rmsnorm_quant(self, x, weight, eps):
+        # x may be fp32 (the MLP's activation product): quantized as is, like the reference
+        x_q, scale = kernels.quantize(x.reshape(-1, x.shape[-1]), weight.to(x.dtype), eps)
+        return x_q.view(*x.shape), scale.view(*x.shape[:-1], 1)
+
+    def bitlinear(self, x_q, x_scale, w: TernaryWeight, residual=None):
+        lead = x_q.shape[:-1]
+        ends = list(itertools.accumulate(w.segments))
+        res = residual.reshape(-1, ends[-1]).to(self.dtype) if residual is not None else None
+        y = kernels.gemm(x_q.reshape(-1, w.in_features), x_scale, w.weight, ends[-1], w.in_features,
+                         ends, w.scales, res, self.dtype)
+        return y.view(*lead, -1)

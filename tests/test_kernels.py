@@ -1,0 +1,188 @@
+"""The CUDA kernels against the exact reference (engine.quant / engine.ops.TorchOps), bit for bit.
+
+Skipped without a GPU; bench/gpu_check.sh runs them on the lent one. Inputs are fresh random
+values plus the extremes (-128 and 127 everywhere), outputs are poisoned before each call.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from engine.cuda_ops import CudaOps
+from engine.ops import TorchOps
+from engine.quant import int_dot, pack_ternary, quantize_activations, rmsnorm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SHAPES_2B4T = [(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)]
+SHAPES_ANCHORS = [(4800, 3200), (3200, 3200), (20480, 3200), (3200, 10240)]
+SHAPES_ODD = [(1, 1), (17, 130), (33, 6913), (100, 4), (7, 255), (640, 2560), (2049, 129)]
+POISON_INT = -0x5A5A5A5A
+
+
+@pytest.fixture(scope="module")
+def k():
+    from engine import kernels
+
+    kernels.load()
+    return kernels
+
+
+def ternary(n, kk, gen):
+    w = torch.randint(-1, 2, (n, kk), dtype=torch.int8, generator=gen)
+    w[0, :] = -1  # an all -1 row meets an all -128 activation row: the largest magnitude
+    return w
+
+
+def activations(m, kk, gen):
+    x = torch.randint(-128, 128, (m, kk), dtype=torch.int8, generator=gen)
+    x[0, :] = -128
+    if m > 1:
+        x[1, :] = 127
+    return x
+
+
+def gpu_gemm_int32(k, x, w):
+    n, kk = w.shape
+    tiled = k.repack(pack_ternary(w).cuda(), n, kk)
+    out = torch.full((x.shape[0], n), POISON_INT, dtype=torch.int32, device="cuda")
+    k.gemm(x.cuda(), torch.ones(x.shape[0], device="cuda"), tiled, n, kk, [n], [1.0], out_dtype=torch.int32, out=out)
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+@pytest.mark.parametrize("n,kk", SHAPES_2B4T + SHAPES_ANCHORS + SHAPES_ODD)
+def test_int32_dot_products_are_exact(k, n, kk):
+    gen = torch.Generator().manual_seed(n * 7919 + kk)
+    w = ternary(n, kk, gen)
+    for m in (1, 2, 3, 4, 7, 8, 9, 16):
+        x = activations(m, kk, gen)
+        got = gpu_gemm_int32(k, x, w)
+        assert torch.equal(got, int_dot(x, w)), f"M={m}"
+    assert gpu_gemm_int32(k, activations(1, kk, gen), w)[0, 0] == 128 * kk
+
+
+def test_every_m_up_to_16_and_beyond(k):
+    gen = torch.Generator().manual_seed(1)
+    w = ternary(300, 640, gen)
+    for m in list(range(1, 17)) + [17, 31, 40]:
+        x = activations(m, 640, gen)
+        assert torch.equal(gpu_gemm_int32(k, x, w), int_dot(x, w)), f"M={m}"
+
+
+@pytest.mark.parametrize("config", [(1, 1), (2, 3), (4, 8), (1, 16), (2, 5)])
+def test_every_launch_configuration_is_exact(k, config):
+    gen = torch.Generator().manual_seed(2)
+    n, kk = 1000, 2560
+    w = ternary(n, kk, gen)
+    tiled = k.repack(pack_ternary(w).cuda(), n, kk)
+    for m in (1, 5, 12):
+        x = activations(m, kk, gen)
+        out = k.gemm(x.cuda(), torch.ones(m, device="cuda"), tiled, n, kk, [n], [1.0], out_dtype=torch.int32,
+                     row_tiles_per_block=config[0], warps=config[1])
+        assert torch.equal(out.cpu(), int_dot(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_parts,kk", [((2560, 640, 640), 2560), ((6912, 6912), 2560), ((2560,), 6912),
+                                        ((48, 17, 5), 130), ((1, 2, 3, 4), 64)])
+def test_dequantized_output_equals_reference_epilogue(k, dtype, n_parts, kk):
+    """Segments keep their own scales; bf16/fp32 output = the reference epilogue rounded once."""
+    gen = torch.Generator().manual_seed(sum(n_parts) + kk)
+    ref_ops = TorchOps(dtype)
+    parts = [(pack_ternary(ternary(n, kk, gen)), torch.tensor([0.5 + torch.rand(1, generator=gen).item()]))
+             for n in n_parts]
+    ref_w = ref_ops.prepare_linear(parts, kk)
+    gpu_ops = CudaOps(dtype)
+    gpu_w = gpu_ops.prepare_linear(parts, kk)
+    n = sum(n_parts)
+    for m, with_residual in itertools.product((1, 4, 16), (False, True)):
+        x = torch.randn(m, kk, generator=gen) * 3
+        x_q, x_s = quantize_activations(x)
+        res = (torch.randn(m, n, generator=gen) * 10).to(dtype) if with_residual else None
+        expected = ref_ops.bitlinear(x_q, x_s, ref_w, residual=res)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        k.gemm(x_q.cuda(), x_s.cuda(), gpu_w.weight, n, kk, list(itertools.accumulate(n_parts)), gpu_w.scales,
+               res.cuda() if res is not None else None, dtype, out=out)
+        assert torch.equal(out.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        via_ops = gpu_ops.bitlinear(x_q.cuda(), x_s.cuda(), gpu_w, residual=res.cuda() if res is not None else None)
+        assert torch.equal(via_ops.cpu(), expected)
+
+
+def rows_for_quant(m, kk, gen, dtype):
+    x = torch.randn(m, kk, generator=gen) * torch.logspace(-4, 4, m)[:, None]
+    x[0] = 0.0                       # all zero: the eps floor
+    if m > 2:
+        x[1, kk // 2] = 3e4          # one outlier
+        x[2] = 1.0                   # ties everywhere: 1 * 127 exactly
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kk", [1, 130, 2560, 6912, 6913])
+def test_quantize_matches_reference(k, dtype, kk):
+    gen = torch.Generator().manual_seed(kk)
+    x = rows_for_quant(9, kk, gen, dtype)
+    q_ref, s_ref = quantize_activations(x)
+    out_q = torch.full((9, k.padded(kk)), 99, dtype=torch.int8, device="cuda")
+    out_s = torch.full((9,), float("nan"), device="cuda")
+    q, s = k.quantize(x.cuda(), out_q=out_q, out_scale=out_s)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.view(-1))
+    assert (out_q[:, kk:] == 0).all()  # the padding the GEMM relies on
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kk", [64, 2560, 6912, 3200])
+def test_rmsnorm_quantize_matches_reference(k, dtype, kk):
+    gen = torch.Generator().manual_seed(kk + 1)
+    x = rows_for_quant(16, kk, gen, dtype)
+    w = (0.5 + torch.rand(kk, generator=gen)).to(dtype)
+    q_ref, s_ref = quantize_activations(rmsnorm(x, w, 1e-5))
+    q, s = k.quantize(x.cuda(), w.cuda(), 1e-5)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.view(-1))
+
+
+def test_repack_rejects_code_three(k):
+    codes = pack_ternary(torch.zeros(16, 12, dtype=torch.int8))
+    codes[3, 1] = 0xFF
+    with pytest.raises(RuntimeError, match="code 3"):
+        k.repack(codes.cuda(), 16, 12)
+
+
+def test_impossible_shapes_are_refused(k):
+    w = pack_ternary(torch.zeros(32, 64, dtype=torch.int8)).cuda()
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        k.repack(w, 32, 128)
+    tiled = k.repack(w, 32, 64)
+    x = torch.zeros(2, 96, dtype=torch.int8, device="cuda")
+    with pytest.raises(RuntimeError, match="features"):
+        k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0])
+    with pytest.raises(RuntimeError, match="segments must end"):
+        k.gemm(x[:, :64], torch.ones(2, device="cuda"), tiled, 32, 64, [16], [1.0])
+    with pytest.raises(RuntimeError, match="does not match"):
+        k.gemm(x[:, :64], torch.ones(2, device="cuda"), tiled, 48, 64, [48], [1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_with_cuda_ops_equals_reference_ops(tiny_checkpoint, dtype):
+    """The one model definition with the kernels plugged in gives bit-identical logits to the same
+    model with the reference ops on the same GPU (everything but the kernels is shared code)."""
+    from engine import LLM, SamplingParams
+    from engine.checkpoint import load_checkpoint
+    from engine.model import BitNetModel
+
+    llm = LLM(tiny_checkpoint, device="cuda", dtype=dtype)
+    assert llm.ops.name == "cuda"
+    cfg, tensors = load_checkpoint(tiny_checkpoint)
+    reference = BitNetModel(cfg, tensors, TorchOps(dtype, "cuda"))
+    ids = llm.encode("Hello, how are you? Grüße!")
+    n = len(ids)
+    args = (torch.tensor([ids], device="cuda"), torch.arange(n, device="cuda")[None])
+    slots = torch.zeros(1, dtype=torch.long, device="cuda")
+    got = llm.model.forward(*args, llm.model.new_cache(1, n), slots, all_logits=True)
+    expected = reference.forward(*args, reference.new_cache(1, n), slots, all_logits=True)
+    assert torch.isfinite(got).all() and torch.equal(got, expected)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True))[0]
+    assert len(out.token_ids) == 24
