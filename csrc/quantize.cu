@@ -21,15 +21,16 @@ __device__ __forceinline__ float load_float(const T* p, int i) {
   else return p[i];
 }
 
+// Reduce over the block; `identity` fills the lanes past the last warp (0 for sums and for max |x|).
 template <typename V, typename Op>
-__device__ V block_reduce(V v, Op op, V* scratch) {
+__device__ V block_reduce(V v, Op op, V* scratch, V identity = V(0)) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : scratch[0];
+    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : identity;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
     if (lane == 0) scratch[0] = v;
