@@ -29,7 +29,7 @@ def cuda_extension():
     from kernels import NVCC_FLAGS, SOURCES  # one list of sources and flags for setup.py and the JIT path
 
     ext = CUDAExtension("engine._C", sources=[f"csrc/{s}" for s in SOURCES],
-                        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": NVCC_FLAGS})
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS})
     return [ext], {"build_ext": BuildExtension}
 
 

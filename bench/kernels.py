@@ -25,7 +25,8 @@ from engine import kernels  # noqa: E402
 from engine.quant import pack_ternary  # noqa: E402
 
 SHAPES = [("qkv", 3840, 2560), ("o", 2560, 2560), ("gate|up", 13824, 2560), ("down", 2560, 6912),
-          ("3B qkv", 4800, 3200), ("3B o", 3200, 3200), ("3B gate|up", 20480, 3200), ("3B down", 3200, 10240)]
+          ("3B qkv", 4800, 3200), ("3B o", 3200, 3200), ("3B gate|up", 20480, 3200), ("3B down", 3200, 10240),
+          ("tiny", 16, 128)]  # one tile: the fixed cost of a launch
 LAYER_2B4T = ["qkv", "o", "gate|up", "down"]
 MS = (1, 4, 16)
 ROTATE_BYTES = 320 << 20

@@ -21,7 +21,7 @@ void check_cuda(cudaError_t err, const char* what) {
 bitnet::DType float_dtype(const Tensor& t, const char* name) {
   if (t.scalar_type() == torch::kBFloat16) return bitnet::DType::kBFloat16;
   if (t.scalar_type() == torch::kFloat32) return bitnet::DType::kFloat32;
-  TORCH_CHECK(false, name, " must be bfloat16 or float32, got ", t.scalar_type());
+  TORCH_CHECK(false, name, " must be bfloat16 or float32");
 }
 
 int padded_k(int64_t k) { return bitnet::ceil_div(static_cast<int>(k), bitnet::kChunkK) * bitnet::kChunkK; }
@@ -36,8 +36,8 @@ Tensor repack(const Tensor& codes, int64_t n, int64_t k) {
   check_2d_cuda(codes, "codes");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8, "codes must be uint8");
   TORCH_CHECK(n > 0 && k > 0 && n < (1 << 30) && k < (1 << 30), "bad weight shape ", n, "x", k);
-  TORCH_CHECK(codes.size(0) == n && codes.size(1) == (k + 3) / 4, "codes of shape ", codes.sizes(),
-              " cannot hold a ", n, "x", k, " weight (expected [", n, ", ", (k + 3) / 4, "])");
+  TORCH_CHECK(codes.size(0) == n && codes.size(1) == (k + 3) / 4, "codes of shape [", codes.size(0), ", ",
+              codes.size(1), "] cannot hold a ", n, "x", k, " weight (expected [", n, ", ", (k + 3) / 4, "])");
   const c10::cuda::CUDAGuard guard(codes.device());
   const Tensor src = codes.contiguous();
   auto opts = src.options().dtype(torch::kInt32);

@@ -43,12 +43,12 @@ cudaError_t w2a8_gemm(const int8_t* x_q, const float* x_scale, int m, const uint
                       GemmConfig config, cudaStream_t stream);
 
 // x [m, k] (fp32 or bf16) -> x_q int8 [m, k_stride] (zero padded), scale fp32 [m]:
-// scale = 127 / max(|x|, 1e-5), x_q = clamp(rint(x * scale), -128, 127).
+// scale = 127 * (1 / max(|x|, 1e-5)) (torch's 127 / t), x_q = clamp(rint(x * scale), -128, 127).
 cudaError_t quantize_rows(const void* x, DType x_dtype, int m, int k, int k_stride, int8_t* x_q, float* scale,
                           cudaStream_t stream);
 
 // The same applied to rmsnorm(x) * weight (weight in x's dtype), without rounding in between:
-// mean of squares summed in fp64, 1 / sqrt(mean + eps) IEEE-rounded in fp32.
+// mean of squares summed in fp64, 1 / sqrt(mean + eps) IEEE-rounded in fp32 (reciprocal of sqrt).
 cudaError_t rmsnorm_quantize_rows(const void* x, const void* weight, DType x_dtype, int m, int k, int k_stride,
                                   float eps, int8_t* x_q, float* scale, cudaStream_t stream);
 

@@ -16,14 +16,17 @@
 // A warp reads one 512-byte tile per chunk: fully coalesced.
 //
 // Parallelism: a block owns RT row tiles and 8 * NT tokens; its warps split the chunks (K) between
-// them, each issuing all the loads of UNROLL chunks before the first MMA, then the partial int32
+// them, each issuing all the loads of kUnroll chunks before the first MMA, then the partial int32
 // sums are added in shared memory (exact, order-free) and the epilogue writes the outputs.
+// On Hopper the first weight loads are issued before waiting for the previous kernel (whose output
+// is this kernel's input), so HBM latency and the launch overlap the previous kernel's tail.
 
 #include <cuda_bf16.h>
 
 #include <type_traits>
 
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace bitnet {
 namespace {
@@ -111,10 +114,12 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
 #pragma unroll
   for (int t = 0; t < NT; ++t) xsum[t] = 0;
 
+  allow_next_kernel();
+  bool waited = false;
   for (int base = warp; base < nchunks; base += nwarps * kUnroll) {
     uint32_t wv[kUnroll][RT][4];
     uint32_t xv[kUnroll][NT][8];
-    // issue every load of kUnroll chunks before the first use
+    // issue every load of kUnroll chunks before the first use; weights first
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + u * nwarps;
@@ -124,6 +129,14 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
         if (c < nchunks && tile0 + r < ntiles) v = load_weights(w + ((size_t)(tile0 + r) * nchunks + c) * 32 + lane);
         wv[u][r][0] = v.x, wv[u][r][1] = v.y, wv[u][r][2] = v.z, wv[u][r][3] = v.w;
       }
+    }
+    if (!waited) {  // the activations are the previous kernel's output
+      wait_for_previous_kernel();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + u * nwarps;
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         const int tok = tok0 + g + 8 * t;
@@ -158,6 +171,7 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
     }
   }
 
+  if (!waited) wait_for_previous_kernel();  // before the epilogue reads the residual and writes
   // each token's activation sum: lanes 4g .. 4g+3 hold the parts of token g (+ 8t)
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
@@ -210,10 +224,9 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
   const int ntiles = ceil_div(n, kTileRows), nchunks = ceil_div(k, kChunkK);
   const dim3 grid(ceil_div(ntiles, RT), ceil_div(m, 8 * NT));
   const size_t smem = (size_t)warps * (RT * NT * 128 + 8 * NT) * sizeof(int);
-  gemm_kernel<RT, NT, Out><<<grid, warps * 32, smem, stream>>>(
-      x_q, x_scale, m, nchunks * kChunkK, reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
-      static_cast<const Out*>(residual), static_cast<Out*>(out));
-  return cudaGetLastError();
+  return launch_pdl(gemm_kernel<RT, NT, Out>, grid, dim3(warps * 32), smem, stream, x_q, x_scale, m,
+                    nchunks * kChunkK, reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
+                    static_cast<const Out*>(residual), static_cast<Out*>(out));
 }
 
 template <typename Out>

@@ -13,7 +13,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "w2a8_gemm.cu", "quantize.cu")
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
 CHUNK_K = 128  # inputs per tile of the GEMM layout: activation rows are padded to a multiple of it
 
 
@@ -50,7 +50,7 @@ def _jit_compile():
         raise KernelsUnavailable("engine._C is not built and nvcc was not found (set CUDA_HOME) to compile it")
     print("compiling the CUDA kernels once (cached for next time) ...", flush=True)
     return load_extension(name="bitnet_engine_kernels", sources=[str(CSRC / s) for s in SOURCES],
-                          extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=NVCC_FLAGS,
+                          extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
                           verbose=os.environ.get("BITNET_VERBOSE_BUILD") == "1")
 
 

@@ -15,11 +15,13 @@ ACT_QMAX = 127.0
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax int8 quantization of x [..., K].
 
-    Returns (x_q int8 [..., K], scale fp32 [..., 1]) with x ~= x_q / scale.
-    torch.round rounds half to even, as the kernels' rintf does.
+    Returns (x_q int8 [..., K], scale fp32 [..., 1]) with x ~= x_q / scale. The scale is
+    127 * (1 / absmax), two IEEE roundings: that is what `127 / t` means in torch (and so in
+    transformers), and differs from one correctly rounded division for about a quarter of inputs.
+    torch.round rounds half to even, as the kernels' rint does.
     """
     x = x.float()
-    scale = ACT_QMAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    scale = ACT_QMAX * torch.reciprocal(x.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS))
     x_q = torch.round(x * scale).clamp(-128, 127).to(torch.int8)
     return x_q, scale
 
@@ -32,7 +34,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     x = x.float()
     mean_sq = (x.double().square().sum(dim=-1, keepdim=True) / x.shape[-1]).float()
-    return x * (1.0 / torch.sqrt(mean_sq + eps)) * weight.float()
+    return x * torch.reciprocal(torch.sqrt(mean_sq + eps)) * weight.float()
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
