@@ -60,6 +60,11 @@ def padded(k: int) -> int:
 
 def repack(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Canonical packed codes uint8 [n, ceil(k/4)] (on the GPU) -> the GEMM's tiled layout."""
+    if n <= 0 or k <= 0:
+        raise ValueError(f"impossible weight shape {n}x{k}")
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, (k + 3) // 4):
+        raise ValueError(f"codes of shape {list(codes.shape)} ({codes.dtype}) cannot hold a {n}x{k} weight "
+                         f"(expected uint8 [{n}, {(k + 3) // 4}])")
     return load().repack(codes, n, k)
 
 
@@ -84,6 +89,16 @@ def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, 
          out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
          row_tiles_per_block: int = 0, warps: int = 0) -> torch.Tensor:
     """[m, n] = dequantized x_q [m, k] . W^T (int32 dot products when out_dtype is torch.int32)."""
+    if x_q.dim() != 2 or x_q.dtype != torch.int8:
+        raise ValueError(f"x_q must be a 2-D int8 tensor, got {x_q.dtype} {list(x_q.shape)}")
+    if x_q.shape[1] != k:
+        raise ValueError(f"x_q has {x_q.shape[1]} features but the weight expects {k}")
+    if tuple(tiled.shape[:2]) != (-(-n // 16), padded(k) // CHUNK_K):
+        raise ValueError(f"the tiled weight {list(tiled.shape)} does not match a {n}x{k} projection")
+    ends = list(segment_ends)
+    if not ends or ends[-1] != n or len(ends) != len(segment_scales) or len(ends) > 4 \
+            or any(b <= a for a, b in zip([0] + ends, ends)):
+        raise ValueError(f"segments must end at n = {n}, increase, have one scale each, at most 4: {ends}")
     return load().gemm(as_gemm_input(x_q), x_scale.reshape(-1).float().contiguous(), tiled, n, k,
                        list(segment_ends), [float(s) for s in segment_scales], residual, out_dtype, out,
                        row_tiles_per_block, warps)

@@ -153,15 +153,15 @@ def test_repack_rejects_code_three(k):
 
 def test_impossible_shapes_are_refused(k):
     w = pack_ternary(torch.zeros(32, 64, dtype=torch.int8)).cuda()
-    with pytest.raises(RuntimeError, match="cannot hold"):
+    with pytest.raises(ValueError, match="cannot hold"):
         k.repack(w, 32, 128)
     tiled = k.repack(w, 32, 64)
     x = torch.zeros(2, 96, dtype=torch.int8, device="cuda")
-    with pytest.raises(RuntimeError, match="features"):
+    with pytest.raises(ValueError, match="features"):
         k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0])
-    with pytest.raises(RuntimeError, match="segments must end"):
+    with pytest.raises(ValueError, match="segments must end"):
         k.gemm(x[:, :64], torch.ones(2, device="cuda"), tiled, 32, 64, [16], [1.0])
-    with pytest.raises(RuntimeError, match="does not match"):
+    with pytest.raises(ValueError, match="does not match"):
         k.gemm(x[:, :64], torch.ones(2, device="cuda"), tiled, 48, 64, [48], [1.0])
 
 
