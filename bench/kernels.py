@@ -80,6 +80,7 @@ def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]
     bf16_copies = [w_bf16] + [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2) - 1)]
     rows = []
     for m in ms:
+        print(f"  {n} x {k}, M={m} ...", file=sys.stderr, flush=True)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         x_q, x_s = kernels.quantize(x)
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
