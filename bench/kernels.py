@@ -68,7 +68,9 @@ def copy_bandwidth() -> float:
 
 
 def copies_for(nbytes: int) -> int:
-    return max(4, math.ceil(ROTATE_BYTES / nbytes))
+    """Weight copies to rotate through so that they come from HBM (capped: tiny shapes would need
+    a graph of hundreds of thousands of launches; theirs are L2-resident anyway)."""
+    return min(max(4, math.ceil(ROTATE_BYTES / nbytes)), 1024)
 
 
 def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]:
