@@ -229,14 +229,29 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
                     static_cast<const Out*>(residual), static_cast<Out*>(out));
 }
 
+// Default launch shape, from sweeps on an H200 (bench/kernels.py --sweep; kernels back to back in a
+// CUDA graph with PDL): the kernel is latency-bound, so split K over many warps (one or two chunks
+// each) and give a block several row tiles only when the matrix is very tall or very deep.
+GemmConfig default_config(int m, int ntiles, int nchunks) {
+  GemmConfig cfg{};
+  if (m <= 8) {
+    cfg.warps = nchunks <= 32 ? 12 : 16;
+    cfg.row_tiles_per_block = nchunks >= 48 ? 2 : ntiles >= 800 ? 4 : ntiles >= 300 ? 2 : 1;
+  } else {  // 16 tokens per block: activation traffic grows with the number of blocks
+    cfg.warps = ntiles < 300 ? 16 : ntiles < 800 ? 8 : 4;
+    cfg.row_tiles_per_block = 2;
+  }
+  return cfg;
+}
+
 template <typename Out>
 cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
                      const Segments& seg, const void* residual, void* out, GemmConfig cfg, cudaStream_t stream) {
   const int nchunks = ceil_div(k, kChunkK);
-  // enough warps that each issues one round of kUnroll chunks, at most 16 (512 threads)
-  int warps = cfg.warps > 0 ? cfg.warps : ceil_div(nchunks, kUnroll);
-  warps = warps < 1 ? 1 : (warps > 16 ? 16 : warps);
-  int rt = cfg.row_tiles_per_block > 0 ? cfg.row_tiles_per_block : (m <= 4 ? 1 : 2);
+  const GemmConfig def = default_config(m, ceil_div(n, kTileRows), nchunks);
+  int warps = cfg.warps > 0 ? cfg.warps : def.warps;
+  warps = warps < 1 ? 1 : (warps > 16 ? 16 : (warps > nchunks ? nchunks : warps));
+  const int rt = cfg.row_tiles_per_block > 0 ? cfg.row_tiles_per_block : def.row_tiles_per_block;
   if (m <= 8) {
     if (rt >= 4) return launch<4, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
     if (rt == 2) return launch<2, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
