@@ -235,8 +235,13 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
 GemmConfig default_config(int m, int ntiles, int nchunks) {
   GemmConfig cfg{};
   if (m <= 8) {
-    cfg.warps = nchunks <= 32 ? 12 : 16;
-    cfg.row_tiles_per_block = nchunks >= 48 ? 2 : ntiles >= 800 ? 4 : ntiles >= 300 ? 2 : 1;
+    if (ntiles >= 800) {  // gate|up: 13824 rows best at (4, 8), 20480 x 3200 at (2, 8)
+      cfg.warps = 8;
+      cfg.row_tiles_per_block = nchunks <= 20 ? 4 : 2;
+    } else {
+      cfg.warps = nchunks <= 32 ? 12 : 16;
+      cfg.row_tiles_per_block = nchunks >= 48 || ntiles >= 300 ? 2 : 1;
+    }
   } else {  // 16 tokens per block: activation traffic grows with the number of blocks
     cfg.warps = ntiles < 300 ? 16 : ntiles < 800 ? 8 : 4;
     cfg.row_tiles_per_block = 2;
