@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, find_checkpoints, load_checkpoint
+from .config import ModelConfig
 from .model import BitNetModel, KVCache
 from .ops import TorchOps
 from .sampling import SamplingParams, make_generator, sample
@@ -79,13 +80,25 @@ class LLM:
         if len(found) != 1:
             raise CheckpointError(f"{path} is not a converted checkpoint" if not found else
                                   f"{path} holds several checkpoints ({', '.join(p.name for p in found)}); pick one")
+        ops = make_ops(torch.device(device), dtype)
+        config, tensors = load_checkpoint(found[0])
+        self._setup(config, tensors, load_tokenizer(found[0]), ops)
         self.path = found[0]
-        self.ops = make_ops(torch.device(device), dtype)
-        self.config, tensors = load_checkpoint(self.path)
-        self.tokenizer = load_tokenizer(self.path)
-        self.model = BitNetModel(self.config, tensors, self.ops)
-        self.end_ids = set(self.config.eos_token_ids) | set(self.tokenizer.end_token_ids())
-        self.context_length = self.config.max_position_embeddings
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer,
+                     device: str = "cpu", dtype: torch.dtype | None = None) -> "LLM":
+        """An LLM from tensors in the checkpoint format held in memory (benchmarks build random ones)."""
+        llm = cls.__new__(cls)
+        llm._setup(config, tensors, tokenizer, make_ops(torch.device(device), dtype))
+        llm.path = None
+        return llm
+
+    def _setup(self, config: ModelConfig, tensors, tokenizer, ops: TorchOps) -> None:
+        self.config, self.tokenizer, self.ops = config, tokenizer, ops
+        self.model = BitNetModel(config, tensors, ops)
+        self.end_ids = set(config.eos_token_ids) | set(tokenizer.end_token_ids())
+        self.context_length = config.max_position_embeddings
         self.last_stats = GenerationStats()
         self._cache: KVCache | None = None
 

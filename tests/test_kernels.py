@@ -165,10 +165,18 @@ def test_impossible_shapes_are_refused(k):
         k.gemm(x[:, :64], torch.ones(2, device="cuda"), tiled, 48, 64, [48], [1.0])
 
 
+class KernelFreeOps(CudaOps):
+    """CudaOps with every kernel-backed op swapped back to the reference implementation."""
+    prepare_linear = TorchOps.prepare_linear
+    quantize = TorchOps.quantize
+    rmsnorm_quant = TorchOps.rmsnorm_quant
+    bitlinear = TorchOps.bitlinear
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_with_cuda_ops_equals_reference_ops(tiny_checkpoint, dtype):
+def test_model_with_kernels_equals_model_with_reference_ops(tiny_checkpoint, dtype):
     """The one model definition with the kernels plugged in gives bit-identical logits to the same
-    model with the reference ops on the same GPU (everything but the kernels is shared code)."""
+    model with the reference integer ops on the same GPU (prompt and decode steps)."""
     from engine import LLM, SamplingParams
     from engine.checkpoint import load_checkpoint
     from engine.model import BitNetModel
@@ -176,13 +184,25 @@ def test_model_with_cuda_ops_equals_reference_ops(tiny_checkpoint, dtype):
     llm = LLM(tiny_checkpoint, device="cuda", dtype=dtype)
     assert llm.ops.name == "cuda"
     cfg, tensors = load_checkpoint(tiny_checkpoint)
-    reference = BitNetModel(cfg, tensors, TorchOps(dtype, "cuda"))
+    reference = BitNetModel(cfg, tensors, KernelFreeOps(dtype, "cuda"))
     ids = llm.encode("Hello, how are you? Grüße!")
     n = len(ids)
-    args = (torch.tensor([ids], device="cuda"), torch.arange(n, device="cuda")[None])
     slots = torch.zeros(1, dtype=torch.long, device="cuda")
-    got = llm.model.forward(*args, llm.model.new_cache(1, n), slots, all_logits=True)
-    expected = reference.forward(*args, reference.new_cache(1, n), slots, all_logits=True)
-    assert torch.isfinite(got).all() and torch.equal(got, expected)
+    caches = llm.model.new_cache(1, n + 1), reference.new_cache(1, n + 1)
+    prompt = (torch.tensor([ids], device="cuda"), torch.arange(n, device="cuda")[None])
+    step = (torch.tensor([[ids[-1]]], device="cuda"), torch.tensor([[n]], device="cuda"))
+    for args, all_logits in ((prompt, True), (step, False)):
+        got = llm.model.forward(*args, caches[0], slots, all_logits=all_logits)
+        expected = reference.forward(*args, caches[1], slots, all_logits=all_logits)
+        assert torch.isfinite(got).all() and torch.equal(got, expected)
     out = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True))[0]
     assert len(out.token_ids) == 24
+
+
+def test_gpu_model_tracks_the_cpu_reference(tiny_checkpoint):
+    """fp32 on the GPU (SDPA attention, cuBLAS head) stays within float rounding of the CPU path."""
+    from engine import LLM
+
+    gpu, cpu = LLM(tiny_checkpoint, device="cuda", dtype=torch.float32), LLM(tiny_checkpoint)
+    ids = cpu.encode("The quick brown fox")
+    assert (gpu.logits(ids).cpu() - cpu.logits(ids)).abs().max() < 0.05 * cpu.logits(ids).abs().max()
