@@ -26,6 +26,7 @@ from engine.checkpoint import expected_tensors  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.quant import pack_ternary  # noqa: E402
 from engine.tokenizer import load_tokenizer  # noqa: E402
+from timing import copy_bandwidth  # noqa: E402
 
 CONFIG_2B4T = ModelConfig(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_layers=30, num_heads=20,
                           num_kv_heads=5, head_dim=128, max_position_embeddings=4096, rope_theta=500000.0,
@@ -61,19 +62,6 @@ def byte_tokenizer(directory: Path):
     tok.decoder = decoders.ByteLevel()
     tok.save(str(directory / "tokenizer.json"))
     return load_tokenizer(directory)
-
-
-def copy_bandwidth() -> float:
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * n * 10 / (time.perf_counter() - start)
 
 
 def decode_floor(cfg: ModelConfig, context: int, bandwidth: float) -> float:

@@ -5,7 +5,7 @@ Method (as reference/anchors.md): each kernel is captured in a CUDA graph that l
 weight copy, the copies rotated over more than 256 MB so weights come from HBM, not L2; the graph
 is replayed and timed with CUDA events; the figure is the median replay time per launch. The
 floor is the bytes a launch must move (packed weights + int8 activations + bf16 output) over the
-device-to-device copy bandwidth measured at the start of this run.
+device-to-device copy bandwidth measured at the start of this run (bench/timing.py).
 
     python bench/kernels.py [--json results.json] [--sweep]
 """
@@ -14,7 +14,6 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import kernels  # noqa: E402
 from engine.quant import pack_ternary  # noqa: E402
+from timing import copy_bandwidth, time_graph  # noqa: E402
 
 SHAPES = [("qkv", 3840, 2560), ("o", 2560, 2560), ("gate|up", 13824, 2560), ("down", 2560, 6912),
           ("3B qkv", 4800, 3200), ("3B o", 3200, 3200), ("3B gate|up", 20480, 3200), ("3B down", 3200, 10240),
@@ -30,41 +30,6 @@ SHAPES = [("qkv", 3840, 2560), ("o", 2560, 2560), ("gate|up", 13824, 2560), ("do
 LAYER_2B4T = ["qkv", "o", "gate|up", "down"]
 MS = (1, 4, 16)
 ROTATE_BYTES = 320 << 20
-REPLAYS = 20
-
-
-def time_graph(fn, launches: int) -> float:
-    """Median microseconds per launch of `fn(i)` for i in range(launches), captured in one graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(launches, 3)):  # warm up (and JIT) outside the graph
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(launches):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / launches)
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    us = time_graph(lambda i: dst.copy_(src), 5)
-    return 2 * n / (us * 1e-6)
 
 
 def copies_for(nbytes: int) -> int:
