@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the CUDA kernels for this GPU, run the whole test suite (the CUDA tests
-# included), run the kernel benchmark, and print a short summary last. Logs go to $OUT.
+# included), the kernel and end-to-end benchmarks, and print a short summary last. Logs go to $OUT.
 #   bash bench/gpu_check.sh [extra bench/kernels.py arguments, e.g. --sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,8 @@ python3 -m pytest -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
 tests=$?
 python3 bench/kernels.py --json "$OUT/kernels.json" "$@" > "$OUT/bench.log" 2>&1
 bench=$?
+python3 bench/e2e.py --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
+e2e=$?
 
 # the fallback when engine._C is missing on a CUDA machine: compiled on first use by torch's JIT loader
 mkdir -p /tmp/stash && mv engine/_C*.so /tmp/stash/ 2>/dev/null
@@ -44,5 +46,6 @@ echo "GPU: $gpu"
 echo "tests (exit $tests):"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 15
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
 tail -n 2 "$OUT/jit.log"
+echo "end to end (exit $e2e):"; tail -n 10 "$OUT/e2e.log"
 echo "kernel benchmark (exit $bench):"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 45
-exit $(( tests || bench || jit ))
+exit $(( tests || bench || jit || e2e ))
