@@ -8,16 +8,17 @@
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointError, find_checkpoints, load_checkpoint
 from .config import ModelConfig
-from .model import BitNetModel, KVCache
+from .model import BitNetModel
 from .ops import TorchOps
-from .sampling import SamplingParams, make_generator, sample
+from .runtime import Runtime, check_prompt
+from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
 
 
@@ -44,19 +45,6 @@ class GenerationStats:
                 f"prefill {prefill:.1f} tok/s, decode {decode:.1f} tok/s]")
 
 
-@dataclass
-class _Sequence:
-    prompt: list[int]
-    params: SamplingParams
-    max_new: int
-    generator: torch.Generator
-    detok: object
-    output: list[int] = field(default_factory=list)
-    text: str = ""          # detokenized output so far (stop strings included until found)
-    emitted: int = 0        # characters of `text` already handed out
-    finish_reason: str | None = None
-
-
 def make_ops(device: torch.device, dtype: torch.dtype | None) -> TorchOps:
     """The exact reference ops on the CPU (fp32 by default), the CUDA kernels on a GPU (bf16)."""
     if device.type == "cpu":
@@ -72,7 +60,8 @@ def make_ops(device: torch.device, dtype: torch.dtype | None) -> TorchOps:
 
 
 class LLM:
-    def __init__(self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                 graphs: bool | None = None):
         path = Path(path)
         # a folder with its own config.json is taken as the checkpoint (load_checkpoint says what
         # is wrong with it); otherwise look for the one checkpoint inside
@@ -82,25 +71,40 @@ class LLM:
                                   f"{path} holds several checkpoints ({', '.join(p.name for p in found)}); pick one")
         ops = make_ops(torch.device(device), dtype)
         config, tensors = load_checkpoint(found[0])
-        self._setup(config, tensors, load_tokenizer(found[0]), ops)
+        self._setup(config, tensors, load_tokenizer(found[0]), ops, graphs)
         self.path = found[0]
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer,
-                     device: str = "cpu", dtype: torch.dtype | None = None) -> "LLM":
+                     device: str = "cpu", dtype: torch.dtype | None = None, graphs: bool | None = None) -> "LLM":
         """An LLM from tensors in the checkpoint format held in memory (benchmarks build random ones)."""
         llm = cls.__new__(cls)
-        llm._setup(config, tensors, tokenizer, make_ops(torch.device(device), dtype))
+        llm._setup(config, tensors, tokenizer, make_ops(torch.device(device), dtype), graphs)
         llm.path = None
         return llm
 
-    def _setup(self, config: ModelConfig, tensors, tokenizer, ops: TorchOps) -> None:
+    def _setup(self, config: ModelConfig, tensors, tokenizer, ops: TorchOps, graphs: bool | None) -> None:
         self.config, self.tokenizer, self.ops = config, tokenizer, ops
         self.model = BitNetModel(config, tensors, ops)
         self.end_ids = set(config.eos_token_ids) | set(tokenizer.end_token_ids())
         self.context_length = config.max_position_embeddings
+        self.graphs = graphs            # None: CUDA graphs on a GPU, eager on the CPU
         self.last_stats = GenerationStats()
-        self._cache: KVCache | None = None
+        self._runtime: Runtime | None = None
+
+    def runtime(self, max_batch: int, max_len: int | None = None) -> Runtime:
+        """A scheduler with at least `max_batch` cache slots of at least `max_len` tokens (default:
+        the whole context). The last one is reused when it is large enough: graphs are captured once."""
+        need = min(max_len or self.context_length, self.context_length)
+        rt = self._runtime
+        if rt is None or rt.max_batch < max_batch or rt.max_len < need:
+            self._runtime = None  # free the old cache before allocating the new one
+            if self.ops.device.type == "cuda":
+                torch.cuda.empty_cache()
+            # round the length up so that slightly longer requests reuse it
+            length = min(-(-need // 256) * 256, self.context_length)
+            self._runtime = Runtime(self.model, self.tokenizer, self.end_ids, max_batch, length, self.graphs)
+        return self._runtime
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | None = None) -> list[Completion]:
@@ -151,96 +155,31 @@ class LLM:
             return stop.value
 
     def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("empty prompt")
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.config.vocab_size)]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
-        if len(ids) >= self.context_length:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.context_length} "
-                             "tokens, and at least one must be left for the answer")
+        check_prompt(ids, self.config.vocab_size, self.context_length)
 
-    def _get_cache(self, slots: int, length: int) -> KVCache:
-        # reuse the last cache when it is large enough: a chat session allocates once
-        c = self._cache
-        if c is None or c.slots < slots or c.max_len < length:
-            self._cache = None
-            self._cache = self.model.new_cache(slots, length)
-        return self._cache
-
-    @torch.inference_mode()
     def _run(self, prompts: list[list[int]], params: SamplingParams):
-        """Generator: yields (index, text piece) as text is produced; returns the Completions."""
+        """Generator: yields (index, text piece) as text is produced; returns the Completions.
+        All prompts decode together; each leaves the batch when it finishes."""
         for p in prompts:
             self._check_prompt(p)
-        device = self.ops.device
-        seqs = [_Sequence(p, params, min(params.max_new_tokens, self.context_length - len(p)),
-                          make_generator(params.seed, "cpu"), self.tokenizer.stream_decoder()) for p in prompts]
-        cache = self._get_cache(len(seqs), max(len(s.prompt) + s.max_new for s in seqs))
-        stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(s.prompt) for s in seqs))
-
-        start = time.perf_counter()
-        for i, s in enumerate(seqs):  # prefill one prompt at a time: no padding, any lengths
-            n = len(s.prompt)
-            logits = self.model.forward(torch.tensor([s.prompt], device=device),
-                                        torch.arange(n, device=device)[None], cache,
-                                        torch.tensor([i], device=device))
-            piece = self._accept(s, sample(logits[0].cpu(), params, self._seen(s), s.generator))
-            if piece:
-                yield i, piece
-        stats.prefill_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        while True:
-            active = [i for i, s in enumerate(seqs) if s.finish_reason is None]
-            if not active:
-                break
-            ids = torch.tensor([[seqs[i].output[-1]] for i in active], device=device)
-            positions = torch.tensor([[len(seqs[i].prompt) + len(seqs[i].output) - 1] for i in active], device=device)
-            logits = self.model.forward(ids, positions, cache, torch.tensor(active, device=device)).cpu()
-            for row, i in enumerate(active):
-                s = seqs[i]
-                piece = self._accept(s, sample(logits[row], params, self._seen(s), s.generator))
-                if piece:
-                    yield i, piece
-        stats.decode_seconds = time.perf_counter() - start
-        stats.generated_tokens = sum(len(s.output) for s in seqs)
-        return [Completion(s.text, s.output, s.prompt, s.finish_reason) for s in seqs]
-
-    @staticmethod
-    def _seen(s: _Sequence) -> torch.Tensor | None:
-        if s.params.repetition_penalty == 1.0:
-            return None
-        return torch.tensor(s.prompt + s.output)
-
-    def _accept(self, s: _Sequence, token: int) -> str:
-        """Append a sampled token to a sequence, update its text and finish state; return new text."""
-        p = s.params
-        if (token in self.end_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            s.finish_reason = "stop"
-            s.text += s.detok.flush()
-            return self._release(s, len(s.text))
-        s.output.append(token)
-        s.text += s.detok.push(token)
-        if len(s.output) >= s.max_new:
-            s.text += s.detok.flush()
-            s.finish_reason = "length"
-        if p.stop:
-            # search only the tail that new text could have completed
-            window = max(0, s.emitted - max(map(len, p.stop)))
-            hits = [h for h in (s.text.find(x, window) for x in p.stop) if h >= 0]
-            if hits:
-                s.text = s.text[:min(hits)]
-                s.finish_reason = "stop"
-        if s.finish_reason is not None:
-            return self._release(s, len(s.text))
-        # hold back a tail that could be the start of a stop string
-        held = max((k for x in p.stop for k in range(1, len(x)) if s.text.endswith(x[:k])), default=0)
-        return self._release(s, len(s.text) - held)
-
-    @staticmethod
-    def _release(s: _Sequence, upto: int) -> str:
-        upto = min(upto, len(s.text))
-        piece = s.text[s.emitted:upto]
-        s.emitted = max(s.emitted, upto)
-        return piece
+        longest = max(len(p) + min(params.max_new_tokens, self.context_length - len(p)) for p in prompts)
+        rt = self.runtime(len(prompts), longest)
+        prefill, decode = rt.prefill_seconds, rt.decode_seconds
+        reqs = [rt.add(p, params) for p in prompts]
+        index = {id(r): i for i, r in enumerate(reqs)}
+        try:
+            while not all(r.finished for r in reqs):
+                for req, piece in rt.step():
+                    if piece:
+                        yield index[id(req)], piece
+        finally:  # a caller that stops early leaves no request behind
+            for r in reqs:
+                if not r.finished:
+                    rt.cancel(r)
+            while rt.has_work and any(not r.finished for r in reqs):
+                rt.step()
+        self.last_stats = GenerationStats(prompt_tokens=sum(map(len, prompts)),
+                                          generated_tokens=sum(len(r.output) for r in reqs),
+                                          prefill_seconds=rt.prefill_seconds - prefill,
+                                          decode_seconds=rt.decode_seconds - decode)
+        return [Completion(r.text, r.output, r.prompt, r.finish_reason) for r in reqs]

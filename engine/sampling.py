@@ -56,11 +56,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
            generator: torch.Generator) -> int:
     """Pick one token from fp32 logits [V]. `seen`: ids of the prompt and output so far."""
+    return int(pick(logits, params, seen, generator))
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+         generator: torch.Generator) -> torch.Tensor:
+    """`sample` without leaving the logits' device: returns the token as a 0-d tensor there.
+    `seen` and `generator` live on the same device."""
     logits = logits.float().clone()
     if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
         logits = apply_repetition_penalty(logits, seen.unique(), params.repetition_penalty)
     if params.greedy:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -72,4 +79,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

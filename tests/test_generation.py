@@ -82,12 +82,14 @@ def test_max_new_tokens_and_finish_reason(llm):
 def test_stops_on_any_end_id(llm):
     greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     ref = llm.generate("Hello", greedy)[0].token_ids
-    saved = llm.end_ids
+    rt = llm.runtime(1)  # the scheduler generate() reuses
+    saved = rt.end_ids
     try:
-        llm.end_ids = saved | {ref[5]}
+        rt.end_ids = saved | {ref[5]}
         out = llm.generate("Hello", SamplingParams(temperature=0, max_new_tokens=12))[0]
+        assert llm.runtime(1) is rt
     finally:
-        llm.end_ids = saved
+        rt.end_ids = saved
     cut = ref.index(ref[5])
     assert out.token_ids == ref[:cut] and out.finish_reason == "stop"
     extra = llm.generate("Hello", SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[ref[3]]))[0]
