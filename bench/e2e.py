@@ -93,6 +93,7 @@ def main() -> int:
     start = time.perf_counter()
     llm = LLM.from_tensors(cfg, random_tensors(cfg), tokenizer, device="cuda")
     torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated() + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * 4096
     print(f"{gpu}: copy bandwidth {bandwidth / 1e12:.2f} TB/s; model built in {time.perf_counter() - start:.1f} s, "
           f"{torch.cuda.memory_allocated() / 1e9:.2f} GB on the GPU", flush=True)
     new = 64 if args.quick else 256
@@ -119,13 +120,21 @@ def main() -> int:
         s = llm.last_stats
         record(f"decode, aggregate, batch {batch}", (s.generated_tokens - batch) / s.decode_seconds, 64 + new // 4)
 
-    llm._cache = None
+    # the same model without CUDA graphs (the debugging path), as a baseline in the same run
+    llm.graphs, llm._runtime = False, None
+    llm.generate(prompts(1, 64, cfg.vocab_size, 64), SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))
+    s = llm.last_stats
+    record("decode, batch 1, eager (no graphs)", (s.generated_tokens - 1) / s.decode_seconds, 64 + 16)
+    llm.graphs = None
+
+    llm._runtime = None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     llm.generate(prompts(1, 4096 - 64, cfg.vocab_size, 7), SamplingParams(temperature=0, max_new_tokens=64,
                                                                            ignore_eos=True))
     peak = torch.cuda.max_memory_allocated() / 1e9
-    print(f"  peak GPU memory, batch 1, 4096-token context: {peak:.2f} GB")
+    print(f"  peak GPU memory, batch 1, 4096-token context: {peak:.2f} GB "
+          f"(weights, head and a 4096-token cache alone: {resident / 1e9:.2f} GB)")
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu, "copy_bandwidth_Bps": bandwidth, "rows": rows,
                                          "peak_memory_GB_4096_ctx": peak}, indent=2))
