@@ -1,51 +1,69 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the CUDA kernels for this GPU, run the whole test suite (the CUDA tests
-# included), the kernel and end-to-end benchmarks, and print a short summary last. Logs go to $OUT.
-#   bash bench/gpu_check.sh [extra bench/kernels.py arguments, e.g. --sweep]
+# included), the kernel, end-to-end and server benchmarks and a decode-step profile, and print a
+# short summary last. Logs and JSON go to $OUT.
+#   bash bench/gpu_check.sh                 # everything
+#   STAGES="build tests e2e" bash bench/gpu_check.sh    # some stages (build, tests, kernels, e2e, profile, serve, jit)
+#   KERNEL_ARGS="--sweep" bash bench/gpu_check.sh       # extra bench/kernels.py arguments
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bitnet-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+STAGES=${STAGES:-build tests kernels e2e profile serve jit}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)
 arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}   # build for the chip we run on
-echo "GPU: $gpu (sm_${arch/./}); torch $(python3 -c 'import torch; print(torch.__version__)')"
+echo "GPU: $gpu (sm_${arch/./}); torch $(python3 -c 'import torch; print(torch.__version__)'); stages: $STAGES"
+status=0
+run_stage() {  # name, log file, command...
+  local name=$1 log=$2; shift 2
+  local start=$(date +%s)
+  "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc in $(( $(date +%s) - start )) s (log: $log)"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
 
-start=$(date +%s)
-# the README's install command for GPU machines (--no-deps: that machine has no network; all is there)
-python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-build=$?
-echo "build: exit $build in $(( $(date +%s) - start )) s (log: build.log)"
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -n 20 > "$OUT/ptxas.txt" || true
-if [ $build -ne 0 ]; then tail -n 40 "$OUT/build.log"; exit 1; fi
+if want build; then
+  # the README's install command for GPU machines (--no-deps: that machine has no network; all is there)
+  if ! run_stage build build.log python3 -m pip install --no-build-isolation --no-deps -e .; then
+    tail -n 40 "$OUT/build.log"; exit 1
+  fi
+  grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -n 30 > "$OUT/ptxas.txt" || true
+fi
+want tests && run_stage tests tests.log python3 -m pytest -q -p no:cacheprovider tests
+want kernels && run_stage kernels bench.log python3 bench/kernels.py --json "$OUT/kernels.json" ${KERNEL_ARGS:-}
+want e2e && run_stage e2e e2e.log python3 bench/e2e.py --json "$OUT/e2e.json"
+if want profile; then
+  run_stage profile-b1 profile-b1.log python3 bench/profile_decode.py --batch 1 --context 512
+  run_stage profile-b64 profile-b64.log python3 bench/profile_decode.py --batch 64 --context 128
+fi
+want serve && [ -f bench/serve.py ] && run_stage serve serve.log python3 bench/serve.py --json "$OUT/serve.json"
 
-python3 -m pytest -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
-tests=$?
-python3 bench/kernels.py --json "$OUT/kernels.json" "$@" > "$OUT/bench.log" 2>&1
-bench=$?
-python3 bench/e2e.py --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
-e2e=$?
-
-# the fallback when engine._C is missing on a CUDA machine: compiled on first use by torch's JIT loader
-mkdir -p /tmp/stash && mv engine/_C*.so /tmp/stash/ 2>/dev/null
-start=$(date +%s)
-python3 -c "
+if want jit; then
+  # the fallback when engine._C is missing on a CUDA machine: compiled on first use by torch's JIT loader
+  mkdir -p /tmp/stash && mv engine/_C*.so /tmp/stash/ 2>/dev/null
+  run_stage jit jit.log python3 -c "
 import torch
 from engine import kernels
 x_q, s = kernels.quantize(torch.randn(3, 256, device='cuda'))
 assert kernels.load().__name__ != 'engine._C' and x_q.shape == (3, 256)
-print('JIT fallback: compiled and ran', kernels.load().__name__)" > "$OUT/jit.log" 2>&1
-jit=$?
-mv /tmp/stash/_C*.so engine/ 2>/dev/null
-echo "JIT fallback: exit $jit in $(( $(date +%s) - start )) s" >> "$OUT/jit.log"
+print('JIT fallback: compiled and ran', kernels.load().__name__)"
+  mv /tmp/stash/_C*.so engine/ 2>/dev/null
+fi
 
 echo "================ summary ================"
 echo "GPU: $gpu"
-echo "tests (exit $tests):"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 15
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
-tail -n 2 "$OUT/jit.log"
-echo "end to end (exit $e2e):"; tail -n 10 "$OUT/e2e.log"
-echo "kernel benchmark (exit $bench):"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 45
-exit $(( tests || bench || jit || e2e ))
+if want tests; then
+  echo "tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30
+fi
+want e2e && { echo "end to end:"; tail -n 14 "$OUT/e2e.log"; }
+want profile && { echo "decode profile:"; head -n 14 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b64.log"; }
+want serve && [ -f "$OUT/serve.log" ] && { echo "server:"; tail -n 8 "$OUT/serve.log"; }
+want kernels && { echo "kernel benchmark:"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 60; }
+exit $status
