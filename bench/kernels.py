@@ -6,6 +6,9 @@ weight copy, the copies rotated over more than 256 MB so weights come from HBM, 
 is replayed and timed with CUDA events; the figure is the median replay time per launch. The
 floor is the bytes a launch must move (packed weights + int8 activations + bf16 output) over the
 device-to-device copy bandwidth measured at the start of this run (bench/timing.py).
+Prefill rows (the 2B-4T shapes at M = 512 and 2048 tokens, the large-M kernel) report int8 TOPS
+(2 M N K / time) against torch bf16 matmul's TFLOPS on the same shape; --sweep adds every large-M
+tile and both kernels around the small/large dispatch threshold.
 
     python bench/kernels.py [--json results.json] [--sweep]
 """
@@ -29,6 +32,8 @@ SHAPES = [("qkv", 3840, 2560), ("o", 2560, 2560), ("gate|up", 13824, 2560), ("do
           ("tiny", 16, 128)]  # one tile: the fixed cost of a launch
 LAYER_2B4T = ["qkv", "o", "gate|up", "down"]
 MS = (1, 4, 16)
+PREFILL_MS = (512, 2048)            # prompt tokens per GEMM: the large-M kernel
+CROSSOVER_MS = (16, 32, 48, 64, 96, 128, 192, 256)  # --sweep: small-M vs large-M kernel, to place the threshold
 ROTATE_BYTES = 320 << 20
 
 
@@ -72,6 +77,56 @@ def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]
     return rows
 
 
+def bench_prefill(n: int, k: int, ms, sweep: bool) -> list[dict]:
+    """Many tokens: the large-M kernel against torch bf16 matmul, in int8 TOPS (2 M N K / time)."""
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)
+    tiled = kernels.repack(pack_ternary(w).cuda(), n, k)
+    copies = [tiled] + [tiled.clone() for _ in range(copies_for(tiled.numel() * 4) - 1)]
+    w_bf16 = w.to(torch.bfloat16).cuda()
+    bf16_copies = [w_bf16] + [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2) - 1)]
+    rows = []
+    for m in ms:
+        print(f"  prefill {n} x {k}, M={m} ...", file=sys.stderr, flush=True)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x_q, x_s = kernels.quantize(x)
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+        def ours(i, kernel="auto", tile=0):
+            kernels.gemm(x_q, x_s, copies[i % len(copies)], n, k, [n], [1.0], out=out, kernel=kernel, large_tile=tile)
+
+        us = time_graph(ours, len(copies))
+        torch_us = time_graph(lambda i: torch.mm(x, bf16_copies[i % len(bf16_copies)].t(), out=y), len(bf16_copies))
+        ops = 2.0 * m * n * k
+        row = {"n": n, "k": k, "m": m, "ours_us": us, "torch_bf16_us": torch_us,
+               "ours_tops": ops / us * 1e-6, "torch_bf16_tflops": ops / torch_us * 1e-6}
+        if sweep:  # every large-M tile, and the small-M kernel
+            timed = {f"large_tile={t}": time_graph(lambda i, t=t: ours(i, "large", t), len(copies))
+                     for t in kernels.LARGE_TILES}
+            timed["small"] = time_graph(lambda i: ours(i, "small"), len(copies))
+            row["sweep_us"] = timed
+        rows.append(row)
+    return rows
+
+
+def bench_crossover(n: int, k: int) -> list[dict]:
+    """Both kernels forced at token counts around kLargeMThreshold (w2a8_gemm.cu)."""
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)
+    tiled = kernels.repack(pack_ternary(w).cuda(), n, k)
+    copies = [tiled] + [tiled.clone() for _ in range(copies_for(tiled.numel() * 4) - 1)]
+    rows = []
+    for m in CROSSOVER_MS:
+        x_q, x_s = kernels.quantize(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        timed = {kernel: time_graph(lambda i, kernel=kernel: kernels.gemm(x_q, x_s, copies[i % len(copies)], n, k, [n],
+                                                                         [1.0], out=out, kernel=kernel), len(copies))
+                 for kernel in ("small", "large")}
+        rows.append({"n": n, "k": k, "m": m, "small_us": timed["small"], "large_us": timed["large"]})
+    return rows
+
+
 def bench_quantize(bandwidth: float) -> list[dict]:
     rows = []
     for k, m in itertools.product((2560, 6912), (1, 16)):
@@ -81,6 +136,37 @@ def bench_quantize(bandwidth: float) -> list[dict]:
         s = torch.empty(m, device="cuda")
         us = time_graph(lambda i: kernels.quantize(x, w, 1e-5, q, s), 20)
         rows.append({"op": "rmsnorm+quant", "m": m, "k": k, "us": us, "floor_us": (3 * m * k + 2 * k) / bandwidth * 1e6})
+    return rows
+
+
+DECODE_ATTENTION = [(1, 1024), (1, 4096), (64, 1024), (64, 4096)]  # (batch, context), 2B-4T heads
+
+
+def bench_decode_attention(bandwidth: float) -> list[dict]:
+    """Decode attention at the 2B-4T head shape (20 query heads, 5 kv heads of 128, bf16), every row at
+    full context, plain and fused with the sub-norm + quantization. Caches are rotated like the weights
+    above so they come from HBM; the floor is the K and V bytes read over the copy bandwidth."""
+    heads, kv_heads, d = 20, 5, 128
+    rows = []
+    for batch, ctx in DECODE_ATTENTION:
+        print(f"  decode attention B={batch} context={ctx} ...", file=sys.stderr, flush=True)
+        k_cache = torch.randn(batch, kv_heads, ctx, d, device="cuda", dtype=torch.bfloat16)
+        kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        caches = [(k_cache, k_cache.clone())] + [(k_cache.clone(), k_cache.clone())
+                                                 for _ in range(copies_for(kv_bytes) - 1)]
+        q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
+        weight = torch.rand(heads * d, device="cuda", dtype=torch.bfloat16) + 0.5
+        slots = torch.arange(batch, device="cuda")
+        positions = torch.full((batch,), ctx - 1, device="cuda")
+
+        def attention(i, norm=None):
+            kernels.decode_attention(q, *caches[i % len(caches)], slots, positions, norm_weight=norm)
+
+        us = time_graph(attention, len(caches))
+        fused_us = time_graph(lambda i: attention(i, weight), len(caches))
+        rows.append({"batch": batch, "context": ctx, "us": us, "fused_us": fused_us,
+                     "floor_us": (kv_bytes + 2 * q.numel() * q.element_size()) / bandwidth * 1e6})
+        del caches, k_cache
     return rows
 
 
@@ -124,13 +210,39 @@ def main() -> int:
             print(f"one 2B-4T layer (qkv+o+gate|up+down), M={m}: ours {ours:.2f} us, floor {floor:.2f} us "
                   f"({ours / floor:.2f}x), torch bf16 {bf16:.2f} us ({bf16 / ours:.2f}x slower)")
 
+    prefill, crossover = [], []
+    for name, n, k in shapes:
+        if name in LAYER_2B4T:
+            prefill += [{"shape": name, **row} for row in bench_prefill(n, k, PREFILL_MS, args.sweep)]
+            if args.sweep:
+                crossover += [{"shape": name, **row} for row in bench_crossover(n, k)]
+    if prefill:
+        print(f"\nW2A8 GEMM, prefill (large-M kernel), median us per launch on {gpu}")
+        print(f"{'shape':<11} {'N x K':>12} {'M':>5} {'ours':>9} {'bf16':>9} {'ours TOPS':>10} {'bf16 TFLOPS':>12} "
+              f"{'vs bf16':>8}")
+        for r in prefill:
+            print(f"{r['shape']:<11} {r['n']:>5} x {r['k']:<5} {r['m']:>5} {r['ours_us']:>9.2f} {r['torch_bf16_us']:>9.2f} "
+                  f"{r['ours_tops']:>10.1f} {r['torch_bf16_tflops']:>12.1f} {r['torch_bf16_us'] / r['ours_us']:>7.2f}x"
+                  + ("  " + ", ".join(f"{c} {t:.2f}" for c, t in r["sweep_us"].items()) if "sweep_us" in r else ""))
+    if crossover:
+        print("\nsmall-M vs large-M kernel (us) around the dispatch threshold")
+        for r in crossover:
+            print(f"  {r['shape']:<9} M={r['m']:<4} small {r['small_us']:8.2f}  large {r['large_us']:8.2f}")
+
     quant = bench_quantize(bandwidth)
     print("\nactivation quantization (RMSNorm fused), median us")
     for r in quant:
         print(f"  {r['op']} M={r['m']:<3} K={r['k']:<5} {r['us']:6.2f} us (floor {r['floor_us']:.2f})")
+    attention = bench_decode_attention(bandwidth)
+    print("\ndecode attention, 2B-4T heads (20 q / 5 kv x 128, bf16), full context, median us")
+    for r in attention:
+        print(f"  B={r['batch']:<3} context={r['context']:<5} {r['us']:8.2f} us (floor {r['floor_us']:.2f}, "
+              f"{r['us'] / r['floor_us']:.2f}x); + sub-norm + quant {r['fused_us']:8.2f} us")
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu, "copy_bandwidth_Bps": bandwidth, "gemm": results,
-                                         "layer_2b4t": layer, "quantize": quant}, indent=2))
+                                         "prefill": prefill, "crossover": crossover,
+                                         "layer_2b4t": layer, "quantize": quant,
+                                         "decode_attention": attention}, indent=2))
     return 0
 
 

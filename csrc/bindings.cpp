@@ -5,7 +5,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -84,7 +87,7 @@ std::vector<Tensor> quantize(const Tensor& x, const std::optional<Tensor>& weigh
 Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t n, int64_t k,
             const std::vector<int64_t>& segment_ends, const std::vector<double>& segment_scales,
             const std::optional<Tensor>& residual, torch::ScalarType out_dtype, const std::optional<Tensor>& out,
-            int64_t row_tiles_per_block, int64_t warps) {
+            int64_t row_tiles_per_block, int64_t warps, int64_t kernel, int64_t large_tile) {
   check_2d_cuda(x_q, "x_q");
   TORCH_CHECK(x_q.scalar_type() == torch::kInt8, "x_q must be int8");
   const int64_t m = x_q.size(0);
@@ -127,7 +130,10 @@ Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64
     res_c = residual->contiguous();
     res = res_c.data_ptr();
   }
-  bitnet::GemmConfig cfg{static_cast<int>(row_tiles_per_block), static_cast<int>(warps)};
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel must be 0 (auto), 1 (small-M) or 2 (large-M), got ", kernel);
+  TORCH_CHECK(large_tile >= 0 && large_tile <= 3, "large_tile must be 0 (auto) or 1..3, got ", large_tile);
+  bitnet::GemmConfig cfg{static_cast<int>(row_tiles_per_block), static_cast<int>(warps), static_cast<int>(kernel),
+                         static_cast<int>(large_tile)};
   check_cuda(bitnet::w2a8_gemm(x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), m,
                                reinterpret_cast<const uint32_t*>(tiled.data_ptr<int>()), n, k, seg, res, y.data_ptr(),
                                dtype, cfg, c10::cuda::getCurrentCUDAStream()),
@@ -135,10 +141,145 @@ Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64
   return y;
 }
 
+// ---- decode step ----
+
+void check_index_vector(const Tensor& t, int64_t n, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == torch::kInt64 && t.dim() == 1 && t.size(0) == n &&
+                  t.is_contiguous(),
+              name, " must be a contiguous int64 vector of ", n, " values on ", like.device());
+}
+
+// one layer's k_cache / v_cache [slots, kv_heads, max_len, head_dim], contiguous, of `like`'s dtype and device
+bitnet::KVCacheLayer cache_layer(const Tensor& k_cache, const Tensor& v_cache, const Tensor& like) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must both be [slots, kv_heads, max_len, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == like.scalar_type() && v_cache.scalar_type() == like.scalar_type() &&
+                  k_cache.device() == like.device() && v_cache.device() == like.device(),
+              "the caches must have the activations' dtype and device");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
+  for (int i = 0; i < 4; ++i) TORCH_CHECK(k_cache.size(i) > 0 && k_cache.size(i) < (1 << 30), "bad cache shape");
+  return {k_cache.data_ptr(), v_cache.data_ptr(), static_cast<int>(k_cache.size(0)), static_cast<int>(k_cache.size(1)),
+          static_cast<int>(k_cache.size(2)), static_cast<int>(k_cache.size(3))};
+}
+
+// qkv [rows, (heads + 2 kv_heads) * head_dim] -> roped q [rows, heads, head_dim]; roped k, v into the caches
+Tensor rope_kv_write(const Tensor& qkv, const Tensor& positions, const Tensor& slots, const Tensor& cos,
+                     const Tensor& sin, const Tensor& k_cache, const Tensor& v_cache, int64_t heads,
+                     const std::optional<Tensor>& out) {
+  check_2d_cuda(qkv, "qkv");
+  const auto dtype = float_dtype(qkv, "qkv");
+  TORCH_CHECK(qkv.is_contiguous(), "qkv must be contiguous");
+  const bitnet::KVCacheLayer cache = cache_layer(k_cache, v_cache, qkv);
+  const int64_t rows = qkv.size(0), d = cache.head_dim;
+  TORCH_CHECK(rows > 0 && rows < (1LL << 31), "qkv must have between 1 and 2^31 - 1 rows");
+  TORCH_CHECK(heads > 0 && d % 2 == 0 && qkv.size(1) == (heads + 2 * cache.kv_heads) * d, "qkv has ", qkv.size(1),
+              " features, expected (", heads, " + 2 * ", cache.kv_heads, ") * ", d, " (even head_dim)");
+  check_index_vector(positions, rows, qkv, "positions");
+  check_index_vector(slots, rows, qkv, "slots");
+  for (const Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->device() == qkv.device() && t->scalar_type() == torch::kFloat32 && t->dim() == 2 &&
+                    t->size(1) == d / 2 && t->size(0) == cos.size(0) && t->size(0) > 0 && t->is_contiguous(),
+                "cos and sin must be contiguous fp32 [positions, ", d / 2, "] tables on the activations' device");
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  Tensor q = out ? *out : torch::empty({rows, heads, d}, qkv.options());
+  TORCH_CHECK(q.scalar_type() == qkv.scalar_type() && q.device() == qkv.device() && q.is_contiguous() &&
+                  q.numel() == rows * heads * d,
+              "out must be a contiguous [", rows, ", ", heads, ", ", d, "] tensor of qkv's dtype");
+  check_cuda(bitnet::rope_kv_write(qkv.data_ptr(), dtype, static_cast<int>(rows), static_cast<int>(heads),
+                                   positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos.data_ptr<float>(),
+                                   sin.data_ptr<float>(), static_cast<int>(std::min<int64_t>(cos.size(0), INT32_MAX)),
+                                   cache, q.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             "rope_kv_write");
+  return q;
+}
+
+// q [batch, heads, head_dim] over the caches -> [out [batch, heads * head_dim]], or with norm_weight
+// [x_q int8 [batch, heads * head_dim] in the GEMM's padded rows, scale fp32 [batch]]
+std::vector<Tensor> decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
+                                     const Tensor& positions, const std::optional<Tensor>& norm_weight, double eps,
+                                     int64_t splits) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous CUDA [batch, heads, head_dim] tensor");
+  const auto dtype = float_dtype(q, "q");
+  const bitnet::KVCacheLayer cache = cache_layer(k_cache, v_cache, q);
+  const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2);
+  TORCH_CHECK(d == cache.head_dim, "q has head_dim ", d, " but the cache ", cache.head_dim);
+  TORCH_CHECK(d % 2 == 0 && d <= 256, "head_dim must be even and at most 256, got ", d);
+  TORCH_CHECK(batch > 0 && batch <= 65535 && heads > 0 && heads <= 65535 && heads % cache.kv_heads == 0,
+              "q must have 1..65535 rows and a multiple of the ", cache.kv_heads, " kv heads, got [", batch, ", ", heads, "]");
+  check_index_vector(slots, batch, q, "slots");
+  check_index_vector(positions, batch, q, "positions");
+  TORCH_CHECK(splits >= 0 && splits <= bitnet::kMaxAttentionSplits, "splits must be 0 (choose) or 1..",
+              bitnet::kMaxAttentionSplits);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int b = static_cast<int>(batch), h = static_cast<int>(heads);
+  const int n_splits = splits > 0 ? static_cast<int>(splits) : bitnet::decode_attention_splits(b, h, cache);
+  Tensor workspace = torch::empty({static_cast<int64_t>(bitnet::decode_attention_workspace_bytes(b, h, cache.head_dim, n_splits))},
+                                  q.options().dtype(torch::kUInt8));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto* pos = positions.data_ptr<int64_t>();
+  const auto* slot = slots.data_ptr<int64_t>();
+  if (!norm_weight) {
+    Tensor out = torch::empty({batch, heads * d}, q.options());
+    check_cuda(bitnet::decode_attention(q.data_ptr(), dtype, b, h, slot, pos, cache, n_splits, workspace.data_ptr(),
+                                        out.data_ptr(), stream),
+               "decode_attention");
+    return {out};
+  }
+  const int64_t k = heads * d;
+  TORCH_CHECK(norm_weight->device() == q.device() && norm_weight->dim() == 1 && norm_weight->size(0) == k &&
+                  norm_weight->scalar_type() == q.scalar_type(),
+              "the norm weight must be a vector of ", k, " elements of q's dtype on q's device");
+  const Tensor wc = norm_weight->contiguous();
+  Tensor x_q = torch::empty({batch, padded_k(k)}, q.options().dtype(torch::kInt8));
+  Tensor scale = torch::empty({batch}, q.options().dtype(torch::kFloat32));
+  check_cuda(bitnet::decode_attention_rmsnorm_quantize(q.data_ptr(), dtype, b, h, slot, pos, cache, n_splits,
+                                                       wc.data_ptr(), static_cast<float>(eps), static_cast<int>(x_q.size(1)),
+                                                       workspace.data_ptr(), x_q.data_ptr<int8_t>(),
+                                                       scale.data_ptr<float>(), stream),
+             "decode_attention_rmsnorm_quantize");
+  return {x_q.narrow(1, 0, k), scale};
+}
+
+// gate_up [m, 2f] -> (x_q int8 [m, f] in the GEMM's padded rows, scale fp32 [m]) of rmsnorm(act(gate) * up) * weight
+std::vector<Tensor> act_norm_quant(const Tensor& gate_up, const Tensor& weight, double eps,
+                                   const std::string& activation) {
+  check_2d_cuda(gate_up, "gate_up");
+  const auto dtype = float_dtype(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.is_contiguous(), "gate_up must be contiguous");
+  const int64_t m = gate_up.size(0), f = gate_up.size(1) / 2;
+  TORCH_CHECK(m > 0 && m < (1LL << 31) && f > 0 && gate_up.size(1) == 2 * f && f < (1 << 30),
+              "gate_up must be a non-empty [m, 2f] tensor");
+  TORCH_CHECK(weight.device() == gate_up.device() && weight.dim() == 1 && weight.size(0) == f &&
+                  weight.scalar_type() == gate_up.scalar_type(),
+              "the norm weight must be a vector of ", f, " elements of gate_up's dtype on its device");
+  bitnet::Activation act;
+  if (activation == "relu2") act = bitnet::Activation::kReLU2;
+  else if (activation == "silu") act = bitnet::Activation::kSiLU;
+  else TORCH_CHECK(false, "activation must be relu2 or silu, got ", activation);
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  const Tensor wc = weight.contiguous();
+  Tensor x_q = torch::empty({m, padded_k(f)}, gate_up.options().dtype(torch::kInt8));
+  Tensor scale = torch::empty({m}, gate_up.options().dtype(torch::kFloat32));
+  check_cuda(bitnet::act_rmsnorm_quantize_rows(gate_up.data_ptr(), wc.data_ptr(), dtype, act, static_cast<int>(m),
+                                               static_cast<int>(f), static_cast<int>(x_q.size(1)),
+                                               static_cast<float>(eps), x_q.data_ptr<int8_t>(),
+                                               scale.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+             "act_norm_quant");
+  return {x_q.narrow(1, 0, f), scale};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "BitNet b1.58 W2A8 CUDA kernels (see csrc/kernels.h)";
+  m.def("rope_kv_write", &rope_kv_write, "RoPE of q and k, k and v written into the KV cache", py::arg("qkv"),
+        py::arg("positions"), py::arg("slots"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("heads"), py::arg("out") = py::none());
+  m.def("decode_attention", &decode_attention, "one-token attention over the KV cache, optionally + sub-norm + quant",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("positions"),
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("splits") = 0);
+  m.def("act_norm_quant", &act_norm_quant, "act(gate) * up, RMSNorm and int8 quantization", py::arg("gate_up"),
+        py::arg("weight"), py::arg("eps"), py::arg("activation"));
   m.def("repack", &repack, "canonical 2-bit codes -> the GEMM's tiled layout", py::arg("codes"), py::arg("n"), py::arg("k"));
   m.def("quantize", &quantize, "per-row int8 quantization, optionally of rmsnorm(x) * weight", py::arg("x"),
         py::arg("weight") = py::none(), py::arg("eps") = 1e-5, py::arg("out_q") = py::none(),
@@ -146,5 +287,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "W2A8 GEMM with the dequantizing epilogue", py::arg("x_q"), py::arg("x_scale"), py::arg("tiled"),
         py::arg("n"), py::arg("k"), py::arg("segment_ends"), py::arg("segment_scales"), py::arg("residual") = py::none(),
         py::arg("out_dtype") = torch::kBFloat16, py::arg("out") = py::none(), py::arg("row_tiles_per_block") = 0,
-        py::arg("warps") = 0);
+        py::arg("warps") = 0, py::arg("kernel") = 0, py::arg("large_tile") = 0);
 }

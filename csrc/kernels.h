@@ -24,8 +24,10 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kInt32 = 2 };
 
 // Launch configuration of the GEMM; zeros mean "choose for me".
 struct GemmConfig {
-  int row_tiles_per_block;  // 1, 2 or 4
-  int warps;                // 1..16, split the K dimension
+  int row_tiles_per_block;  // small-M kernel: 1, 2 or 4
+  int warps;                // small-M kernel: 1..16, split the K dimension
+  int kernel;               // 0 auto (by m), 1 small-M (w2a8_gemm.cu), 2 large-M (w2a8_gemm_large.cu)
+  int large_tile;           // large-M block tile (tokens x rows): 1 128x256, 2 128x128, 3 64x128
 };
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -42,6 +44,12 @@ cudaError_t w2a8_gemm(const int8_t* x_q, const float* x_scale, int m, const uint
                       const Segments& segments, const void* residual, void* out, DType out_dtype,
                       GemmConfig config, cudaStream_t stream);
 
+// The same for many tokens (prefill), on shared-memory tiles; w2a8_gemm sends it large m.
+// tile: 0 auto, else GemmConfig::large_tile.
+cudaError_t w2a8_gemm_large(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
+                            const Segments& segments, const void* residual, void* out, DType out_dtype, int tile,
+                            cudaStream_t stream);
+
 // x [m, k] (fp32 or bf16) -> x_q int8 [m, k_stride] (zero padded), scale fp32 [m]:
 // scale = 127 * (1 / max(|x|, 1e-5)) (torch's 127 / t), x_q = clamp(rint(x * scale), -128, 127).
 cudaError_t quantize_rows(const void* x, DType x_dtype, int m, int k, int k_stride, int8_t* x_q, float* scale,
@@ -51,5 +59,52 @@ cudaError_t quantize_rows(const void* x, DType x_dtype, int m, int k, int k_stri
 // mean of squares summed in fp64, 1 / sqrt(mean + eps) IEEE-rounded in fp32 (reciprocal of sqrt).
 cudaError_t rmsnorm_quantize_rows(const void* x, const void* weight, DType x_dtype, int m, int k, int k_stride,
                                   float eps, int8_t* x_q, float* scale, cudaStream_t stream);
+
+// ---- the decode step: RoPE + KV write, attention, MLP activation (decode.cu, decode_attention.cu) ----
+
+// One layer's KV cache: k and v [slots, kv_heads, max_len, head_dim] each, contiguous, the activation dtype.
+struct KVCacheLayer {
+  void* k;
+  void* v;
+  int slots, kv_heads, max_len, head_dim;
+};
+
+// qkv [rows, (heads + 2 kv_heads) * head_dim] (q | k | v, dtype) -> roped q into q_out [rows, heads, head_dim];
+// roped k and raw v into cache[slots[r], :, positions[r], :]. positions, slots: int64 [rows] on the device;
+// cos, sin: fp32 [table_len, head_dim / 2]. RoPE is bit-exact with engine.ops.apply_rope (no FMA).
+// A row whose position or slot is out of range writes nothing to the cache and zeros to q_out.
+cudaError_t rope_kv_write(const void* qkv, DType dtype, int rows, int heads, const int64_t* positions,
+                          const int64_t* slots, const float* cos, const float* sin, int table_len,
+                          const KVCacheLayer& cache, void* q_out, cudaStream_t stream);
+
+// Flash decoding: every sequence's keys are cut into at most `splits` chunks (one block each, all G
+// query heads of a kv head together), then combined. The grid depends on (batch, kv_heads, splits)
+// only, never on the lengths held on the device. The default split count fills this GPU:
+int decode_attention_splits(int batch, int heads, const KVCacheLayer& cache);
+constexpr int kMaxAttentionSplits = 128;
+// Scratch the two kernels share (partial outputs, maxima, sums, per-row counters, one row buffer).
+size_t decode_attention_workspace_bytes(int batch, int heads, int head_dim, int splits);
+
+// q [batch, heads, head_dim] (dtype); row b attends to cache entries 0 .. positions[b] of slot slots[b]
+// (fp32 scores * head_dim^-0.5, softmax, weighted sum) -> out [batch, heads * head_dim], rounded once to
+// dtype. A row whose position or slot is out of range gets zeros. head_dim even, <= 256.
+cudaError_t decode_attention(const void* q, DType dtype, int batch, int heads, const int64_t* slots,
+                             const int64_t* positions, const KVCacheLayer& cache, int splits, void* workspace,
+                             void* out, cudaStream_t stream);
+
+// The same, then each output row (rounded to dtype) through rmsnorm_quantize_rows with norm_weight
+// [heads * head_dim] (dtype): x_q int8 [batch, k_stride], scale fp32 [batch]. Two launches.
+cudaError_t decode_attention_rmsnorm_quantize(const void* q, DType dtype, int batch, int heads, const int64_t* slots,
+                                              const int64_t* positions, const KVCacheLayer& cache, int splits,
+                                              const void* norm_weight, float eps, int k_stride, void* workspace,
+                                              int8_t* x_q, float* scale, cudaStream_t stream);
+
+enum class Activation : int { kReLU2 = 0, kSiLU = 1 };
+
+// gate_up [m, 2f] (gate | up, dtype) -> act(gate) * up in fp32 (relu^2: relu, square, times up, each
+// IEEE-rounded), then exactly rmsnorm_quantize_rows with weight [f] (dtype): x_q [m, k_stride], scale [m].
+cudaError_t act_rmsnorm_quantize_rows(const void* gate_up, const void* weight, DType dtype, Activation activation,
+                                      int m, int f, int k_stride, float eps, int8_t* x_q, float* scale,
+                                      cudaStream_t stream);
 
 }  // namespace bitnet

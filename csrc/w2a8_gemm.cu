@@ -32,6 +32,9 @@ namespace bitnet {
 namespace {
 
 constexpr int kUnroll = 4;
+// Above this many tokens w2a8_gemm runs the shared-memory tiled kernel of w2a8_gemm_large.cu
+// (prefill); at or below, this one (decode). Tune with bench/kernels.py --sweep (its crossover rows).
+constexpr int kLargeMThreshold = 64;
 constexpr uint32_t kZeroCodes = 0x55555555u;  // every 2-bit field = 1: weight 0 (padding)
 
 __global__ void repack_kernel(const uint8_t* __restrict__ canonical, int n, int k, int nchunks,
@@ -281,6 +284,10 @@ cudaError_t w2a8_gemm(const int8_t* x_q, const float* x_scale, int m, const uint
                       const Segments& segments, const void* residual, void* out, DType out_dtype,
                       GemmConfig config, cudaStream_t stream) {
   if (m <= 0 || n <= 0 || k <= 0 || segments.count < 1 || segments.count > kMaxSegments) return cudaErrorInvalidValue;
+  if (config.kernel < 0 || config.kernel > 2) return cudaErrorInvalidValue;
+  if (config.kernel == 2 || (config.kernel == 0 && m > kLargeMThreshold))
+    return w2a8_gemm_large(x_q, x_scale, m, tiled, n, k, segments, residual, out, out_dtype, config.large_tile,
+                           stream);
   switch (out_dtype) {
     case DType::kInt32:
       return dispatch<int>(x_q, x_scale, m, tiled, n, k, segments, residual, out, config, stream);

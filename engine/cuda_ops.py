@@ -1,10 +1,12 @@
 """The model's ops on the GPU: the CUDA kernels where they exist, the reference ops elsewhere.
 
 Same numbers as TorchOps (engine/ops.py), bit for bit where a kernel replaces a reference op:
-activation quantization (plain and fused with RMSNorm) and the W2A8 BitLinear. Two ops differ
-from the reference only in floating-point summation order, to keep memory at one copy of the
-model: the LM head (a bf16 GEMM accumulating and returning fp32, instead of an fp32 copy of the
-embedding) and prompt attention (fused SDPA, instead of materialized [T, T] scores).
+activation quantization (plain and fused with RMSNorm), the W2A8 BitLinear, RoPE + KV-cache write,
+the MLP activation + sub-norm + quantization, and the attention sub-norm + quantization of the
+attention output. Attention differs from the reference only in floating-point summation order:
+decode steps (flash-decoding kernel, no host sync, so a step replays in a CUDA graph) and prompts
+(fused SDPA, instead of materialized [T, T] scores); so does the LM head (a bf16 GEMM accumulating
+and returning fp32, to keep memory at one copy of the embedding).
 """
 
 import itertools
@@ -47,16 +49,56 @@ class CudaOps(TorchOps):
                          ends, w.scales, res, self.dtype)
         return y.view(*lead, -1)
 
-    def attention(self, q, positions, slots, k_cache, v_cache):
-        """Prompts (T > 1) start at position 0 in this runtime: causal SDPA over their own keys,
-        GQA-aware and without a [T, T] score matrix. Decode steps use the reference."""
+    def qkv_rope_cache(self, x_q, x_scale, w: TernaryWeight, cos, sin, positions, slots, k_cache, v_cache):
+        """The q|k|v BitLinear, then one kernel: RoPE of q and k, k and v written into the cache."""
+        b, t = x_q.shape[:2]
+        qkv = self.bitlinear(x_q, x_scale, w)
+        rows = positions.reshape(-1).long()
+        row_slots = slots.long() if t == 1 else slots.long()[:, None].expand(b, t).reshape(-1)
+        heads = w.segments[0] // k_cache.shape[3]
+        q = kernels.rope_kv_write(qkv.reshape(b * t, -1), rows, row_slots, cos, sin, k_cache, v_cache, heads)
+        return q.view(b, t, heads, -1)
+
+    def attention(self, q, positions, slots, k_cache, v_cache, span=None):
+        """Decode steps (T = 1): the flash-decoding kernel, no host sync. Prompt chunks (T > 1):
+        fused SDPA over cache entries 0..span-1, without a [T, T] score matrix; causal when the
+        chunk starts at 0, else with a [T, span] visibility mask (later chunks of a long prompt)."""
         b, t, heads, d = q.shape
         if t == 1:
-            return super().attention(q, positions, slots, k_cache, v_cache)
-        keys, values = k_cache[slots, :, :t], v_cache[slots, :, :t]         # [B, kvH, T, D]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True,
-                                             enable_gqa=heads != keys.shape[1])
+            out = kernels.decode_attention(q.reshape(b, heads, d), k_cache, v_cache, slots.long(),
+                                           positions.reshape(-1).long())
+            return out.view(b, 1, heads * d)
+        span = span or int(positions.max()) + 1
+        keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]      # [B, kvH, S, D]
+        qt = q.transpose(1, 2)                                                 # [B, H, T, D]
+        if span == t:   # the whole prompt in one chunk: plain causal attention (flash)
+            out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True,
+                                                 enable_gqa=heads != keys.shape[1])
+        else:
+            group = heads // keys.shape[1]
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            visible = torch.arange(span, device=q.device) <= positions[:, None, :, None]   # [B, 1, T, S]
+            out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=visible)
         return out.transpose(1, 2).reshape(b, t, heads * d).to(self.dtype)
+
+    def attention_norm_quant(self, q, positions, slots, k_cache, v_cache, sub_norm, eps, span=None):
+        """Decode steps: attention, sub-norm and quantization in two launches. Prompts: as the reference."""
+        b, t, heads, d = q.shape
+        if t != 1:
+            return super().attention_norm_quant(q, positions, slots, k_cache, v_cache, sub_norm, eps, span)
+        x_q, scale = kernels.decode_attention(q.reshape(b, heads, d), k_cache, v_cache, slots.long(),
+                                              positions.reshape(-1).long(), sub_norm.to(q.dtype), eps)
+        return x_q.view(b, 1, heads * d), scale.view(b, 1, 1)
+
+    def gate_up_act_norm_quant(self, x_q, x_scale, w: TernaryWeight, activation, sub_norm, eps):
+        """The gate|up BitLinear, then one kernel: act(gate) * up, FFN sub-norm, quantization."""
+        f = w.segments[0]
+        if w.segments != (f, f):
+            return super().gate_up_act_norm_quant(x_q, x_scale, w, activation, sub_norm, eps)
+        lead = x_q.shape[:-1]
+        gate_up = self.bitlinear(x_q, x_scale, w)
+        y_q, scale = kernels.act_norm_quant(gate_up.reshape(-1, 2 * f), sub_norm.to(gate_up.dtype), eps, activation)
+        return y_q.view(*lead, f), scale.view(*lead, 1)
 
     def lm_head(self, x, table):
         if table.dtype == torch.float32:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "w2a8_gemm.cu", "quantize.cu")
+SOURCES = ("bindings.cpp", "w2a8_gemm.cu", "w2a8_gemm_large.cu", "quantize.cu", "decode.cu", "decode_attention.cu")
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
 CHUNK_K = 128  # inputs per tile of the GEMM layout: activation rows are padded to a multiple of it
 
@@ -84,11 +84,23 @@ def as_gemm_input(x_q: torch.Tensor) -> torch.Tensor:
     return buf[:, :k]
 
 
+GEMM_KERNELS = {"auto": 0, "small": 1, "large": 2}
+LARGE_TILES = {1: (128, 256), 2: (128, 128), 3: (64, 128)}  # large-M block tiles: (tokens, output rows)
+
+
 def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, k: int,
          segment_ends: list[int], segment_scales: list[float], residual: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
-         row_tiles_per_block: int = 0, warps: int = 0) -> torch.Tensor:
-    """[m, n] = dequantized x_q [m, k] . W^T (int32 dot products when out_dtype is torch.int32)."""
+         row_tiles_per_block: int = 0, warps: int = 0, kernel: str = "auto", large_tile: int = 0) -> torch.Tensor:
+    """[m, n] = dequantized x_q [m, k] . W^T (int32 dot products when out_dtype is torch.int32).
+
+    kernel: "auto" (by m), "small" (the decode GEMV / small-M kernel: row_tiles_per_block, warps) or
+    "large" (the prefill kernel: large_tile, a key of LARGE_TILES, 0 = by shape). Same numbers from all.
+    """
+    if kernel not in GEMM_KERNELS:
+        raise ValueError(f"kernel must be one of {list(GEMM_KERNELS)}, got {kernel!r}")
+    if large_tile != 0 and large_tile not in LARGE_TILES:
+        raise ValueError(f"large_tile must be 0 (by shape) or one of {list(LARGE_TILES)}, got {large_tile!r}")
     if x_q.dim() != 2 or x_q.dtype != torch.int8:
         raise ValueError(f"x_q must be a 2-D int8 tensor, got {x_q.dtype} {list(x_q.shape)}")
     if x_q.shape[1] != k:
@@ -101,4 +113,108 @@ def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, 
         raise ValueError(f"segments must end at n = {n}, increase, have one scale each, at most 4: {ends}")
     return load().gemm(as_gemm_input(x_q), x_scale.reshape(-1).float().contiguous(), tiled, n, k,
                        list(segment_ends), [float(s) for s in segment_scales], residual, out_dtype, out,
-                       row_tiles_per_block, warps)
+                       row_tiles_per_block, warps, GEMM_KERNELS[kernel], large_tile)
+
+
+# ---- the decode step ------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, like: torch.Tensor, what: str):
+    """The caches are written or read in place: [slots, kv_heads, max_len, head_dim], contiguous, like's dtype."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [slots, kv_heads, max_len, head_dim], got "
+                         f"{list(k_cache.shape)} and {list(v_cache.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dtype != like.dtype or c.device != like.device or not c.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {like.dtype} tensor on {like.device} like {what}, "
+                             f"got {c.dtype} on {c.device}{'' if c.is_contiguous() else ', not contiguous'}")
+
+
+def _index_vector(t: torch.Tensor, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != n or t.device != like.device:
+        raise ValueError(f"{name} must be an int64 vector of {n} values on {like.device}, "
+                         f"got {t.dtype} {list(t.shape)} on {t.device}")
+    return t.contiguous()
+
+
+def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """q|k|v rows qkv [R, (H + 2 kvH) * D] -> roped q [R, H, D]; roped k and raw v written into
+    k_cache / v_cache [slots, kvH, L, D] at [slots[r], :, positions[r]]. positions, slots: int64 [R] on
+    the GPU; cos, sin: the fp32 tables [P, D/2] of engine.ops.rope_tables. Bit-exact with
+    engine.ops.apply_rope rounded to the dtype. A row whose position (or slot) is outside the cache or
+    the tables writes nothing and gets a zero q: the kernel checks, as the host cannot without a sync."""
+    if qkv.dim() != 2 or qkv.dtype not in FLOAT_DTYPES or not qkv.is_cuda:
+        raise ValueError(f"qkv must be a 2-D bf16 or fp32 CUDA tensor, got {qkv.dtype} {list(qkv.shape)} "
+                         f"on {qkv.device}")
+    _check_cache(k_cache, v_cache, qkv, "qkv")
+    rows, (kv_heads, d) = qkv.shape[0], (k_cache.shape[1], k_cache.shape[3])
+    if num_heads <= 0 or d % 2 or qkv.shape[1] != (num_heads + 2 * kv_heads) * d:
+        raise ValueError(f"qkv has {qkv.shape[1]} features; {num_heads} query heads and the cache's {kv_heads} kv "
+                         f"heads of {d} need (heads + 2 * kv_heads) * head_dim = {(num_heads + 2 * kv_heads) * d} "
+                         "and an even head_dim")
+    positions = _index_vector(positions, rows, qkv, "positions")
+    slots = _index_vector(slots, rows, qkv, "slots")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != d // 2 or t.shape != cos.shape \
+                or t.device != qkv.device:
+            raise ValueError(f"{name} must be the fp32 [positions, {d // 2}] rope table on {qkv.device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    if out is not None and (out.shape != (rows, num_heads, d) or out.dtype != qkv.dtype or not out.is_contiguous()
+                            or out.device != qkv.device):
+        raise ValueError(f"out must be a contiguous {qkv.dtype} [{rows}, {num_heads}, {d}] tensor on {qkv.device}")
+    return load().rope_kv_write(qkv.contiguous(), positions, slots, cos.contiguous(), sin.contiguous(), k_cache,
+                                v_cache, num_heads, out)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                     splits: int = 0):
+    """One query token per row: q [B, H, D] attends to its cache entries 0..positions[b] of slot slots[b]
+    (GQA: head h reads kv head h // (H / kvH)); fp32 scores * D^-0.5, softmax and weighted sum, rounded
+    once to the dtype -> out [B, H * D]. With norm_weight [H * D]: that output through RMSNorm and int8
+    quantization (bit-exact with engine.kernels.quantize on it) -> (x_q [B, H * D] in the GEMM's padded
+    rows, scale fp32 [B]). splits: keys per sequence are cut into this many blocks (0: fill the GPU);
+    the launch depends on shapes only, so it replays in a CUDA graph for any lengths."""
+    if q.dim() != 3 or q.dtype not in FLOAT_DTYPES or not q.is_cuda:
+        raise ValueError(f"q must be a [batch, heads, head_dim] bf16 or fp32 CUDA tensor, got {q.dtype} "
+                         f"{list(q.shape)} on {q.device}")
+    _check_cache(k_cache, v_cache, q, "q")
+    b, heads, d = q.shape
+    if d != k_cache.shape[3] or d % 2 or d > 256 or heads % k_cache.shape[1]:
+        raise ValueError(f"q [{b}, {heads}, {d}] does not fit a cache of {k_cache.shape[1]} kv heads of "
+                         f"{k_cache.shape[3]} (head_dim must match, be even and at most 256; heads must be a "
+                         "multiple of kv heads)")
+    if not 1 <= b <= 65535:
+        raise ValueError(f"batch must be 1..65535, got {b}")
+    if not 0 <= splits <= 128:
+        raise ValueError(f"splits must be 0 (choose) or 1..128, got {splits}")
+    slots = _index_vector(slots, b, q, "slots")
+    positions = _index_vector(positions, b, q, "positions")
+    if norm_weight is not None and (norm_weight.shape != (heads * d,) or norm_weight.dtype != q.dtype
+                                    or norm_weight.device != q.device):
+        raise ValueError(f"norm_weight must be a {q.dtype} vector of {heads * d} on {q.device}, "
+                         f"got {norm_weight.dtype} {list(norm_weight.shape)} on {norm_weight.device}")
+    res = load().decode_attention(q.contiguous(), k_cache, v_cache, slots, positions, norm_weight, float(eps),
+                                  int(splits))
+    return res[0] if norm_weight is None else tuple(res)
+
+
+def act_norm_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: float, activation: str):
+    """gate|up rows [M, 2F] (gate first) -> act(gate) * up in fp32 (relu2: relu, square, times up;
+    silu: gate / (1 + exp(-gate)) times up), RMSNorm with weight [F] and int8 quantization ->
+    (x_q [M, F] in the GEMM's padded rows, scale fp32 [M]). relu2 is bit-exact with
+    TorchOps.gate_up_act_norm_quant; silu agrees to fp32 rounding of exp (x_q within 1)."""
+    if gate_up.dim() != 2 or gate_up.dtype not in FLOAT_DTYPES or not gate_up.is_cuda or gate_up.shape[1] % 2 \
+            or gate_up.numel() == 0:
+        raise ValueError(f"gate_up must be a non-empty [M, 2F] bf16 or fp32 CUDA tensor, got {gate_up.dtype} "
+                         f"{list(gate_up.shape)} on {gate_up.device}")
+    f = gate_up.shape[1] // 2
+    if weight.shape != (f,) or weight.dtype != gate_up.dtype or weight.device != gate_up.device:
+        raise ValueError(f"weight must be a {gate_up.dtype} vector of {f} on {gate_up.device}, "
+                         f"got {weight.dtype} {list(weight.shape)} on {weight.device}")
+    if activation not in ("relu2", "silu"):
+        raise ValueError(f"activation must be 'relu2' or 'silu', got {activation!r}")
+    return tuple(load().act_norm_quant(gate_up.contiguous(), weight, float(eps), activation))

@@ -143,7 +143,7 @@ class LLM:
         ids = torch.tensor([token_ids], device=self.ops.device)
         positions = torch.arange(n, device=self.ops.device)[None]
         slots = torch.zeros(1, dtype=torch.long, device=self.ops.device)
-        return self.model.forward(ids, positions, cache, slots, all_logits=True)[0]
+        return self.model.forward(ids, positions, cache, slots, all_logits=True, span=n)[0]
 
     # ---- the generation loop ----------------------------------------------------------------
     @staticmethod

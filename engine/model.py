@@ -74,21 +74,20 @@ class BitNetModel:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, span: int | None = None) -> torch.Tensor:
         """Run tokens ids [B, T] at positions [B, T] for the sequences in cache slots [B].
 
         Writes their keys/values into the cache and returns fp32 logits: [B, T, V] when all_logits,
-        else [B, V] for each row's last token.
+        else [B, V] for each row's last token. span: max(positions) + 1, if the caller knows it
+        (prompts: saves the attention a read-back of positions; decode steps never need it).
         """
         ops, cfg, eps = self.ops, self.cfg, self.cfg.rms_norm_eps
-        cos, sin = self.cos[positions], self.sin[positions]
         x = ops.embed(ids, self.embed_tokens)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = cache.k[i], cache.v[i]
             xq, xs = ops.rmsnorm_quant(x, layer.input_norm, eps)
-            q = ops.qkv_rope_cache(xq, xs, layer.qkv, cos, sin, positions, slots, k_cache, v_cache)
-            attn = ops.attention(q, positions, slots, k_cache, v_cache)
-            aq, as_ = ops.rmsnorm_quant(attn, layer.attn_sub_norm, eps)
+            q = ops.qkv_rope_cache(xq, xs, layer.qkv, self.cos, self.sin, positions, slots, k_cache, v_cache)
+            aq, as_ = ops.attention_norm_quant(q, positions, slots, k_cache, v_cache, layer.attn_sub_norm, eps, span)
             x = ops.bitlinear(aq, as_, layer.o, residual=x)
             hq, hs = ops.rmsnorm_quant(x, layer.post_attn_norm, eps)
             fq, fs = ops.gate_up_act_norm_quant(hq, hs, layer.gate_up, cfg.activation, layer.ffn_sub_norm, eps)

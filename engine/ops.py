@@ -83,11 +83,13 @@ class TorchOps:
     def qkv_rope_cache(self, x_q, x_scale, w: TernaryWeight, cos, sin, positions, slots, k_cache, v_cache):
         """QKV projection, rotary embedding of q and k, and the write of k and v into the cache.
 
-        x_q [B, T, H] int8; cos/sin [B, T, head_dim/2] fp32; positions [B, T]; slots [B];
-        k_cache / v_cache [slots, kv_heads, max_len, head_dim]. Returns roped q [B, T, heads, head_dim].
+        x_q [B, T, H] int8; cos/sin: the fp32 tables [max_positions, head_dim/2] (rope_tables);
+        positions [B, T]; slots [B]; k_cache / v_cache [slots, kv_heads, max_len, head_dim].
+        Returns roped q [B, T, heads, head_dim].
         """
         b, t = x_q.shape[:2]
         kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+        cos, sin = cos[positions], sin[positions]
         q, k, v = self.bitlinear(x_q, x_scale, w).split(w.segments, dim=-1)
         q = apply_rope(q.reshape(b, t, -1, head_dim), cos, sin).to(self.dtype)
         k = apply_rope(k.reshape(b, t, kv_heads, head_dim), cos, sin).to(self.dtype)
@@ -96,14 +98,15 @@ class TorchOps:
         v_cache[rows, :, positions] = v.reshape(b, t, kv_heads, head_dim)
         return q
 
-    def attention(self, q, positions, slots, k_cache, v_cache) -> torch.Tensor:
+    def attention(self, q, positions, slots, k_cache, v_cache, span: int | None = None) -> torch.Tensor:
         """Causal GQA attention of q [B, T, heads, D] over each sequence's cache entries 0..position.
 
+        span: max(positions) + 1 when the caller knows it (saves reading positions back).
         Returns [B, T, heads * D] in dtype. fp32 scores and softmax.
         """
         b, t, heads, d = q.shape
         kv_heads = k_cache.shape[1]
-        span = int(positions.max()) + 1
+        span = span or int(positions.max()) + 1
         keys = k_cache[slots, :, :span].float()                     # [B, kvH, S, D]
         values = v_cache[slots, :, :span].float()
         qg = q.float().reshape(b, t, kv_heads, heads // kv_heads, d).permute(0, 2, 3, 1, 4)  # [B, kvH, G, T, D]
@@ -112,6 +115,11 @@ class TorchOps:
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         out = probs @ values.unsqueeze(2)                                                 # [B, kvH, G, T, D]
         return out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * d).to(self.dtype)
+
+    def attention_norm_quant(self, q, positions, slots, k_cache, v_cache, sub_norm: torch.Tensor,
+                             eps: float, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """attention(...), then the attention sub-norm and quantization: the o projection's input."""
+        return self.rmsnorm_quant(self.attention(q, positions, slots, k_cache, v_cache, span), sub_norm, eps)
 
     def gate_up_act_norm_quant(self, x_q, x_scale, w: TernaryWeight, activation: str,
                                sub_norm: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     x = x.float()
     mean_sq = (x.double().square().sum(dim=-1, keepdim=True) / x.shape[-1]).float()
-    return x * torch.reciprocal(torch.sqrt(mean_sq + eps)) * weight.float()
+    # sqrt taken in fp64 then rounded: the correctly rounded fp32 sqrt, which some CPUs' vectorized
+    # fp32 sqrt is not (1 ulp off for ~15% of inputs); the kernels use the IEEE __fsqrt_rn
+    root = torch.sqrt((mean_sq + eps).double()).float()
+    return x * torch.reciprocal(root) * weight.float()
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -147,7 +147,7 @@ class Runtime:
         for start in range(0, n, self.prefill_chunk):
             end = min(start + self.prefill_chunk, n)
             logits = self.model.forward(prompt[None, start:end], torch.arange(start, end, device=dev)[None],
-                                        self.cache, slots)
+                                        self.cache, slots, span=end)
         return logits
 
     def _decode(self, rows: list[Request]) -> list[int]:

@@ -43,11 +43,12 @@ def activations(m, kk, gen):
     return x
 
 
-def gpu_gemm_int32(k, x, w):
+def gpu_gemm_int32(k, x, w, tiled=None, **config):
     n, kk = w.shape
-    tiled = k.repack(pack_ternary(w).cuda(), n, kk)
+    tiled = k.repack(pack_ternary(w).cuda(), n, kk) if tiled is None else tiled
     out = torch.full((x.shape[0], n), POISON_INT, dtype=torch.int32, device="cuda")
-    k.gemm(x.cuda(), torch.ones(x.shape[0], device="cuda"), tiled, n, kk, [n], [1.0], out_dtype=torch.int32, out=out)
+    k.gemm(x.cuda(), torch.ones(x.shape[0], device="cuda"), tiled, n, kk, [n], [1.0], out_dtype=torch.int32, out=out,
+           **config)
     torch.cuda.synchronize()
     return out.cpu()
 
@@ -111,6 +112,94 @@ def test_dequantized_output_equals_reference_epilogue(k, dtype, n_parts, kk):
         assert torch.equal(via_ops.cpu(), expected)
 
 
+# ---- the large-M (prefill) kernel ----------------------------------------------------------------
+LARGE_MS = (17, 63, 64, 65, 100, 128, 129, 512, 1000)
+# (kernel, large_tile) cycled over the token counts: every tile shape meets odd shapes and tails
+LARGE_CONFIGS = [("large", 1), ("large", 2), ("large", 3), ("auto", 0)]
+
+
+@pytest.mark.parametrize("n,kk", list(itertools.product((1, 17, 100, 2049, 3840), (4, 129, 255, 2560, 6913))))
+def test_large_m_kernel_int32_is_exact(k, n, kk):
+    gen = torch.Generator().manual_seed(n * 7919 + kk + 1)
+    w = ternary(n, kk, gen)
+    tiled = k.repack(pack_ternary(w).cuda(), n, kk)
+    for i, m in enumerate(LARGE_MS):
+        kernel, tile = LARGE_CONFIGS[i % len(LARGE_CONFIGS)]
+        x = activations(m, kk, gen)
+        got = gpu_gemm_int32(k, x, w, tiled, kernel=kernel, large_tile=tile)
+        assert torch.equal(got, int_dot(x, w)), f"M={m} kernel={kernel} tile={tile}"
+        assert got[0, 0] == 128 * kk  # the all -1 row against the all -128 token: the largest magnitude
+
+
+@pytest.mark.parametrize("n,kk", SHAPES_2B4T)
+def test_large_m_kernel_int32_is_exact_on_2b4t_shapes(k, n, kk):
+    gen = torch.Generator().manual_seed(n + kk)
+    w = ternary(n, kk, gen)
+    tiled = k.repack(pack_ternary(w).cuda(), n, kk)
+    for m, tile in ((512, 1), (512, 2), (512, 3), (2048, 0), (129, 1)):
+        x = activations(m, kk, gen)
+        got = gpu_gemm_int32(k, x, w, tiled, kernel="large", large_tile=tile)
+        assert torch.equal(got, int_dot(x, w)), f"M={m} tile={tile}"
+
+
+@pytest.mark.parametrize("n,kk", [(2560, 2560), (300, 640), (33, 6913)])
+def test_small_and_large_kernels_agree(k, n, kk):
+    """Both kernels forced on the same inputs: the same int32 dot products and the same bf16 outputs."""
+    gen = torch.Generator().manual_seed(n + 3 * kk)
+    w = ternary(n, kk, gen)
+    tiled = k.repack(pack_ternary(w).cuda(), n, kk)
+    for m in (17, 64, 65, 100):
+        x = activations(m, kk, gen)
+        small = gpu_gemm_int32(k, x, w, tiled, kernel="small")
+        for tile in (1, 2, 3):
+            assert torch.equal(gpu_gemm_int32(k, x, w, tiled, kernel="large", large_tile=tile), small), f"M={m} {tile}"
+        x_s = torch.rand(m, generator=gen).cuda() * 100 + 0.5
+        bf16 = [k.gemm(x.cuda(), x_s, tiled, n, kk, [n], [0.75], kernel=kernel) for kernel in ("small", "large")]
+        assert torch.equal(bf16[0].view(torch.int16), bf16[1].view(torch.int16)), f"M={m}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_parts,kk", [((2560, 640, 640), 2560), ((6912, 6912), 2560), ((2560,), 6912),
+                                        ((48, 17, 5), 130), ((1, 2, 3, 4), 64)])
+def test_large_m_dequantized_output_equals_reference_epilogue(k, dtype, n_parts, kk):
+    """The large-M kernel's fused epilogue, bit for bit: segments with their own scales (extreme ones
+    too: the epilogue's exact fast division must hand those, and zero dot products, to __fdiv_rn),
+    an all-zero token (the eps floor: huge x_scale, zero dot products), with and without a residual."""
+    gen = torch.Generator().manual_seed(sum(n_parts) + kk + 5)
+    ref_ops = TorchOps(dtype)
+    scales = [0.5 + torch.rand(1, generator=gen).item() for _ in n_parts]
+    if len(n_parts) >= 3:
+        scales[1], scales[2] = 3e-25, 7e20  # |acc * scale| outside the fast division's 2^-60 .. 2^60
+    parts = [(pack_ternary(ternary(n, kk, gen)), torch.tensor([s])) for n, s in zip(n_parts, scales)]
+    ref_w = ref_ops.prepare_linear(parts, kk)
+    gpu_ops = CudaOps(dtype)
+    gpu_w = gpu_ops.prepare_linear(parts, kk)
+    n, ends = sum(n_parts), list(itertools.accumulate(n_parts))
+    for i, (m, with_residual) in enumerate(itertools.product((65, 130, 300), (False, True))):
+        x = torch.randn(m, kk, generator=gen) * 3
+        x[m // 2] = 0.0
+        x_q, x_s = quantize_activations(x)
+        res = (torch.randn(m, n, generator=gen) * 10).to(dtype) if with_residual else None
+        expected = ref_ops.bitlinear(x_q, x_s, ref_w, residual=res)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        k.gemm(x_q.cuda(), x_s.cuda(), gpu_w.weight, n, kk, ends, gpu_w.scales,
+               res.cuda() if res is not None else None, dtype, out=out, kernel="large", large_tile=1 + i % 3)
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(out.cpu().view(bits), expected.view(bits)), f"M={m} residual={with_residual}"
+        via_ops = gpu_ops.bitlinear(x_q.cuda(), x_s.cuda(), gpu_w, residual=res.cuda() if res is not None else None)
+        assert torch.equal(via_ops.cpu().view(bits), expected.view(bits))  # m > 64: the auto choice, large
+
+
+def test_gemm_kernel_choice_is_validated(k):
+    w = pack_ternary(torch.zeros(32, 64, dtype=torch.int8)).cuda()
+    tiled = k.repack(w, 32, 64)
+    x = torch.zeros(2, 64, dtype=torch.int8, device="cuda")
+    with pytest.raises(ValueError, match="kernel must be"):
+        k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="medium")
+    with pytest.raises(ValueError, match="large_tile"):
+        k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="large", large_tile=4)
+
+
 def rows_for_quant(m, kk, gen, dtype):
     x = torch.randn(m, kk, generator=gen) * torch.logspace(-4, 4, m)[:, None]
     x[0] = 0.0                       # all zero: the eps floor
@@ -166,11 +255,17 @@ def test_impossible_shapes_are_refused(k):
 
 
 class KernelFreeOps(CudaOps):
-    """CudaOps with every kernel-backed op swapped back to the reference implementation."""
+    """CudaOps with every bit-exact kernel swapped back to the reference implementation. Attention
+    stays CudaOps.attention (the decode kernel, SDPA for prompts): it matches the reference only to
+    fp32 rounding (tests/test_kernels_decode.py), so both models share it and everything around it
+    (RoPE + cache write, sub-norms, quantization, activation, BitLinear) must agree bit for bit."""
     prepare_linear = TorchOps.prepare_linear
     quantize = TorchOps.quantize
     rmsnorm_quant = TorchOps.rmsnorm_quant
     bitlinear = TorchOps.bitlinear
+    qkv_rope_cache = TorchOps.qkv_rope_cache
+    attention_norm_quant = TorchOps.attention_norm_quant  # self.attention (shared), then the reference norm
+    gate_up_act_norm_quant = TorchOps.gate_up_act_norm_quant
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

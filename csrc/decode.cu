@@ -1,0 +1,185 @@
+// The small fused steps around the decode step's projections:
+//   rope_kv_write              q|k|v -> roped q, roped k and v written into the KV cache (one launch)
+//   act_rmsnorm_quantize_rows  gate|up -> relu^2(gate) * up (or silu) -> FFN sub-norm -> int8 (one launch)
+// Both are bit-exact with the reference ops (engine/ops.py) for relu^2: every fp32 product and sum is
+// an IEEE-rounded intrinsic in the reference's order (no FMA contraction), the norm and quantization
+// are quant_math.cuh's, shared with quantize.cu. Values held on the device (positions, slots) never
+// change a launch: out-of-range rows are skipped by the kernel, so the launches replay in CUDA graphs.
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+#include "launch.cuh"
+#include "quant_math.cuh"
+
+namespace bitnet {
+namespace {
+
+constexpr int kRopeThreads = 256;
+constexpr int kVecs = 4;          // act kernel: 16-byte vectors per thread in the register path
+constexpr int kMaxThreads = 512;  // so rows up to 4 * 512 vectors (16384 bf16) stay in registers
+
+// Grid (rows, ceil(items / threads)): one item is a rotated pair (i, i + D/2) of a q or k head,
+// or one element of v. Consecutive threads take consecutive i: coalesced reads and writes.
+template <typename T>
+__global__ void __launch_bounds__(kRopeThreads) rope_kv_kernel(const T* __restrict__ qkv, const int64_t* positions,
+                                                               const int64_t* slots, const float* __restrict__ cos,
+                                                               const float* __restrict__ sin, int table_len,
+                                                               int heads, KVCacheLayer cache, T* __restrict__ q_out) {
+  const int row = blockIdx.x, item = blockIdx.y * blockDim.x + threadIdx.x;
+  const int d = cache.head_dim, half = d / 2, kvh = cache.kv_heads;
+  const int rope_items = (heads + kvh) * half;
+  allow_next_kernel();
+  if (item >= rope_items + kvh * d) return;
+  wait_for_previous_kernel();  // qkv is the previous kernel's output
+  const int64_t pos = positions[row], slot = slots[row];
+  const bool valid = pos >= 0 && pos < cache.max_len && pos < table_len && slot >= 0 && slot < cache.slots;
+  const T* x = qkv + (size_t)row * (heads + 2 * kvh) * d;
+  // cache entry (slot, kv head h, pos): row ((slot * kvh + h) * max_len + pos)
+  auto cache_row = [&](void* base, int h) {
+    return static_cast<T*>(base) + (((size_t)slot * kvh + h) * cache.max_len + pos) * d;
+  };
+  if (item < rope_items) {
+    const int head = item / half, i = item % half;  // heads [0, heads) are q, then the kv heads of k
+    float o1 = 0.0f, o2 = 0.0f;
+    if (valid) {
+      const float x1 = load_float(x + head * d, i), x2 = load_float(x + head * d, i + half);
+      const float c = cos[pos * half + i], s = sin[pos * half + i];
+      o1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));  // x1 * c - x2 * s
+      o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));  // x2 * c + x1 * s
+    }
+    T* dst;
+    if (head < heads) {
+      dst = q_out + ((size_t)row * heads + head) * d;
+    } else {
+      if (!valid) return;
+      dst = cache_row(cache.k, head - heads);
+    }
+    dst[i] = to_dtype<T>(o1);
+    dst[i + half] = to_dtype<T>(o2);
+  } else if (valid) {
+    const int e = item - rope_items;  // element e of the row's v heads
+    cache_row(cache.v, e / d)[e % d] = x[(heads + kvh) * d + e];
+  }
+}
+
+// act(gate) * up in fp32, each step rounded as the reference's separate torch ops round it
+template <Activation kAct>
+__device__ __forceinline__ float gated(float gate, float up) {
+  if constexpr (kAct == Activation::kSiLU) {
+    return __fmul_rn(__fdiv_rn(gate, __fadd_rn(1.0f, expf(-gate))), up);  // x / (1 + exp(-x)), then * up
+  } else {
+    const float r = gate < 0.0f ? 0.0f : gate;  // relu (NaN stays NaN, as in torch)
+    return __fmul_rn(__fmul_rn(r, r), up);      // relu(gate).square() * up
+  }
+}
+
+// Register path: the row's f products held in kVecs 16-byte vectors per thread (f a multiple of E).
+template <typename T, Activation kAct>
+__global__ void __launch_bounds__(kMaxThreads) act_quant_vec_kernel(const T* __restrict__ gate_up,
+                                                                    const T* __restrict__ weight, int f, int k_stride,
+                                                                    float eps, int8_t* __restrict__ x_q,
+                                                                    float* __restrict__ scale) {
+  constexpr int E = 16 / sizeof(T);
+  allow_next_kernel();
+  const int nvec = f / E;
+  wait_for_previous_kernel();
+  const uint4* gate = reinterpret_cast<const uint4*>(gate_up + (size_t)blockIdx.x * 2 * f);
+  const uint4* up = gate + nvec;
+  float v[kVecs][E];
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int vi = threadIdx.x + j * blockDim.x;
+    uint4 g = make_uint4(0, 0, 0, 0), u = g;  // zeros past the row: gated(0, 0) = 0 adds nothing
+    if (vi < nvec) {
+      g = __ldg(gate + vi);
+      u = __ldg(up + vi);
+    }
+    const T* ge = reinterpret_cast<const T*>(&g);
+    const T* ue = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[j][i] = gated<kAct>(load_float(ge, i), load_float(ue, i));
+  }
+  quantize_row_registers<true>(v, weight, f, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
+}
+
+// Any f: strided loops, gate and up re-read from cache in each pass.
+template <typename T, Activation kAct>
+__global__ void __launch_bounds__(256) act_quant_loop_kernel(const T* __restrict__ gate_up, const T* __restrict__ weight,
+                                                             int f, int k_stride, float eps, int8_t* __restrict__ x_q,
+                                                             float* __restrict__ scale) {
+  allow_next_kernel();
+  wait_for_previous_kernel();
+  const T* gate = gate_up + (size_t)blockIdx.x * 2 * f;
+  const T* up = gate + f;
+  quantize_row_strided<true>([&](int i) { return gated<kAct>(load_float(gate, i), load_float(up, i)); },
+                             [&](int i) { return load_float(weight, i); }, f, k_stride, eps,
+                             x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
+}
+
+template <typename T>
+cudaError_t launch_rope(const void* qkv, int rows, int heads, const int64_t* positions, const int64_t* slots,
+                        const float* cos, const float* sin, int table_len, const KVCacheLayer& cache, void* q_out,
+                        cudaStream_t stream) {
+  const int items = (heads + cache.kv_heads) * (cache.head_dim / 2) + cache.kv_heads * cache.head_dim;
+  const dim3 grid(rows, ceil_div(items, kRopeThreads));
+  return launch_pdl(rope_kv_kernel<T>, grid, dim3(kRopeThreads), 0, stream, static_cast<const T*>(qkv), positions,
+                    slots, cos, sin, table_len, heads, cache, static_cast<T*>(q_out));
+}
+
+template <typename T, Activation kAct>
+cudaError_t launch_act(const void* gate_up, const void* weight, int m, int f, int k_stride, float eps, int8_t* x_q,
+                       float* scale, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(gate_up);
+  const T* w = static_cast<const T*>(weight);
+  constexpr int E = 16 / sizeof(T);
+  const int nvec = f / E;
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  if (f % E == 0 && nvec <= kVecs * kMaxThreads && aligned) {
+    int threads = 32;  // the fewest warps that hold the row in kVecs vectors each
+    while (threads * kVecs < nvec) threads *= 2;
+    return launch_pdl(act_quant_vec_kernel<T, kAct>, dim3(m), dim3(threads), 0, stream, x, w, f, k_stride, eps, x_q,
+                      scale);
+  }
+  return launch_pdl(act_quant_loop_kernel<T, kAct>, dim3(m), dim3(256), 0, stream, x, w, f, k_stride, eps, x_q, scale);
+}
+
+template <typename T>
+cudaError_t launch_act_typed(const void* gate_up, const void* weight, Activation act, int m, int f, int k_stride,
+                             float eps, int8_t* x_q, float* scale, cudaStream_t stream) {
+  if (act == Activation::kReLU2)
+    return launch_act<T, Activation::kReLU2>(gate_up, weight, m, f, k_stride, eps, x_q, scale, stream);
+  if (act == Activation::kSiLU)
+    return launch_act<T, Activation::kSiLU>(gate_up, weight, m, f, k_stride, eps, x_q, scale, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t rope_kv_write(const void* qkv, DType dtype, int rows, int heads, const int64_t* positions,
+                          const int64_t* slots, const float* cos, const float* sin, int table_len,
+                          const KVCacheLayer& cache, void* q_out, cudaStream_t stream) {
+  if (rows <= 0 || heads <= 0 || cache.kv_heads <= 0 || cache.head_dim < 2 || cache.head_dim % 2 != 0 ||
+      cache.max_len <= 0 || cache.slots <= 0 || table_len <= 0)
+    return cudaErrorInvalidValue;
+  if (dtype == DType::kBFloat16)
+    return launch_rope<__nv_bfloat16>(qkv, rows, heads, positions, slots, cos, sin, table_len, cache, q_out, stream);
+  if (dtype == DType::kFloat32)
+    return launch_rope<float>(qkv, rows, heads, positions, slots, cos, sin, table_len, cache, q_out, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t act_rmsnorm_quantize_rows(const void* gate_up, const void* weight, DType dtype, Activation activation,
+                                      int m, int f, int k_stride, float eps, int8_t* x_q, float* scale,
+                                      cudaStream_t stream) {
+  if (m <= 0 || f <= 0 || k_stride < f) return cudaErrorInvalidValue;
+  if (dtype == DType::kBFloat16)
+    return launch_act_typed<__nv_bfloat16>(gate_up, weight, activation, m, f, k_stride, eps, x_q, scale, stream);
+  if (dtype == DType::kFloat32)
+    return launch_act_typed<float>(gate_up, weight, activation, m, f, k_stride, eps, x_q, scale, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace bitnet

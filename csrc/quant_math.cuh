@@ -1,0 +1,139 @@
+// The exact fp32 numerics of RMSNorm + int8 activation quantization, shared by every kernel that
+// produces GEMM inputs (quantize.cu, decode.cu, decode_attention.cu) so that all of them agree bit
+// for bit with engine/quant.py: IEEE-rounded intrinsics in the reference's order (no FMA
+// contraction), the RMS sum of squares in fp64 (exact squares, so the parallel order cannot change
+// the fp32 mean), rint (half to even).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace bitnet {
+
+template <typename T>
+__device__ __forceinline__ float load_float(const T* p, int i) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(p[i]);
+  else return p[i];
+}
+
+// fp32 -> the activation dtype, round to nearest even (what torch's .to(dtype) does)
+template <typename T>
+__device__ __forceinline__ T to_dtype(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return v;
+}
+
+// Reduce over the block; `identity` fills the lanes past the last warp (0 for sums and for max |x|).
+template <typename V, typename Op>
+__device__ V block_reduce(V v, Op op, V* scratch, V identity = V(0)) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : identity;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  v = scratch[0];
+  __syncthreads();  // scratch may be reused by the caller
+  return v;
+}
+
+__device__ __forceinline__ double add(double a, double b) { return a + b; }
+__device__ __forceinline__ float max_abs(float a, float b) { return fmaxf(a, b); }
+
+// scale from the row max, then rint into int8
+__device__ __forceinline__ float quant_scale(float amax) {
+  return __fmul_rn(127.0f, __frcp_rn(fmaxf(amax, 1e-5f)));  // torch's 127 / t: reciprocal, then multiply
+}
+__device__ __forceinline__ int8_t quant_value(float v, float s) {
+  return static_cast<int8_t>(min(max(__float2int_rn(__fmul_rn(v, s)), -128), 127));
+}
+__device__ __forceinline__ float inv_rms_from(double sum_sq, int k, float eps) {
+  const float mean_sq = __double2float_rn(__ddiv_rn(sum_sq, (double)k));
+  return __frcp_rn(__fsqrt_rn(__fadd_rn(mean_sq, eps)));
+}
+
+// Quantize one row held in registers by the whole block: vector vi = threadIdx.x + j * blockDim.x
+// holds elements vi * E .. vi * E + E - 1 in v[j]; k is a multiple of E. With kNorm the row is first
+// multiplied by 1 / rms and the gain `weight` (T, 16-byte aligned). Writes k_stride bytes (zeros
+// past k: the GEMM's padding) and, from thread 0, the row's scale.
+template <bool kNorm, int kVecs, int E, typename T>
+__device__ __forceinline__ void quantize_row_registers(float (&v)[kVecs][E], const T* __restrict__ weight, int k,
+                                                       int k_stride, float eps, int8_t* __restrict__ out,
+                                                       float* __restrict__ scale) {
+  static_assert(E * sizeof(T) == 16, "one 16-byte vector of T per E elements");
+  __shared__ double dscratch[32];
+  __shared__ float fscratch[32];
+  const int nvec = k / E;
+  if constexpr (kNorm) {
+    double sum_sq = 0.0;
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j)
+#pragma unroll
+      for (int i = 0; i < E; ++i) sum_sq += (double)v[j][i] * (double)v[j][i];
+    const float inv_rms = inv_rms_from(block_reduce(sum_sq, add, dscratch), k, eps);
+    const uint4* wrow = reinterpret_cast<const uint4*>(weight);
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      const int vi = threadIdx.x + j * blockDim.x;
+      uint4 raw = make_uint4(0, 0, 0, 0);
+      if (vi < nvec) raw = __ldg(wrow + vi);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < E; ++i) v[j][i] = __fmul_rn(__fmul_rn(v[j][i], inv_rms), load_float(e, i));
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j)
+#pragma unroll
+    for (int i = 0; i < E; ++i) amax = fmaxf(amax, fabsf(v[j][i]));
+  const float s = quant_scale(block_reduce(amax, max_abs, fscratch));
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int vi = threadIdx.x + j * blockDim.x;
+    if (vi < nvec) {
+#pragma unroll
+      for (int i = 0; i < E; ++i) out[vi * E + i] = quant_value(v[j][i], s);
+    }
+  }
+  for (int i = k + threadIdx.x; i < k_stride; i += blockDim.x) out[i] = 0;  // the GEMM's zero padding
+  if (threadIdx.x == 0) *scale = s;
+}
+
+// The same for a row of any length, with strided loops: value(i) returns element i as fp32 and is
+// evaluated once per pass (so it re-reads memory), weight(i) the gain as fp32.
+template <bool kNorm, typename Value, typename Weight>
+__device__ __forceinline__ void quantize_row_strided(Value value, Weight weight, int k, int k_stride, float eps,
+                                                     int8_t* __restrict__ out, float* __restrict__ scale) {
+  __shared__ double dscratch[32];
+  __shared__ float fscratch[32];
+  float inv_rms = 1.0f;
+  if constexpr (kNorm) {
+    double sum_sq = 0.0;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+      const double v = value(i);
+      sum_sq += v * v;
+    }
+    inv_rms = inv_rms_from(block_reduce(sum_sq, add, dscratch), k, eps);
+  }
+  auto normed = [&](int i) {
+    const float v = value(i);
+    if constexpr (kNorm) return __fmul_rn(__fmul_rn(v, inv_rms), weight(i));
+    else return v;
+  };
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(normed(i)));
+  const float s = quant_scale(block_reduce(amax, max_abs, fscratch));
+  for (int i = threadIdx.x; i < k_stride; i += blockDim.x) out[i] = i < k ? quant_value(normed(i), s) : 0;
+  if (threadIdx.x == 0) *scale = s;
+}
+
+}  // namespace bitnet
