@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Generate text with a converted BitNet b1.58 checkpoint: one answer, or an interactive chat."""
+"""Generate text with a converted BitNet b1.58 checkpoint: one answer, an interactive chat, or an
+OpenAI-compatible HTTP server."""
 
 import argparse
 import contextlib
@@ -31,14 +32,18 @@ examples:
   python generate.py --no-chat --prompt "def fib(n):" --greedy --stop $'\\n\\n'
   python generate.py models/bitnet-b1.58-2B-4T              a Hugging Face download: converted once
                                                             into checkpoints/<name>, then used
+  python generate.py ./checkpoints --serve --device cuda    an OpenAI-compatible HTTP server on
+                                                            http://127.0.0.1:8000/v1 (see README)
 
 CHECKPOINT may be a converted checkpoint, a folder holding converted checkpoints (you are asked
 which one when it holds several), or a Hugging Face BitNet model directory. Get a model with:
   python convert_checkpoint.py microsoft/bitnet-b1.58-2B-4T
 
-modes: --prompt TEXT answers once and exits; --interactive chats. Without either, a piped stdin
-is read as the prompt, and a terminal gets the interactive chat. Answers go to stdout; notes and
-the speed line ("[N prompt tokens, M generated; prefill ... tok/s, decode ... tok/s]") go to stderr.
+modes: --prompt TEXT answers once and exits; --interactive chats; --serve answers HTTP requests
+until SIGINT/SIGTERM (the sampling options then come from each request). Without any of them, a
+piped stdin is read as the prompt, and a terminal gets the interactive chat. Answers go to
+stdout; notes and the speed line ("[N prompt tokens, M generated; prefill ... tok/s, decode ...
+tok/s]") go to stderr.
 
 chat vs plain: with --chat (the default when the tokenizer has a chat template) the input is
 wrapped in the model's chat format, and --interactive keeps the conversation, dropping the oldest
@@ -49,7 +54,7 @@ interactive {HELP_COMMANDS}
 
 exit status: 0 done, 1 an error (damaged checkpoint, failed conversion, prompt too long, ...),
 2 a usage problem (bad option value, no model found, several models and no terminal to ask),
-130 interrupted.
+130 interrupted. --serve exits 0 when SIGINT or SIGTERM stops it.
 """
 
 NO_MODEL_HELP = """\
@@ -90,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help='answer TEXT once and exit; "-" reads the prompt from stdin (trailing newlines removed)')
     mode.add_argument("--interactive", "-i", action="store_true",
                       help="chat: type a message, read the answer, repeat; /help lists the commands")
+    mode.add_argument("--serve", action="store_true",
+                      help="serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health) "
+                           "over HTTP until SIGINT/SIGTERM; requests run in one continuous batch")
+
+    srv = p.add_argument_group("server (with --serve)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; 0.0.0.0 opens the server to the network (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
+    srv.add_argument("--api-key", metavar="KEY", default=os.environ.get("BITNET_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1/ requests (401 otherwise); default: the "
+                          "BITNET_API_KEY environment variable, else no key")
+    srv.add_argument("--max-batch", type=int, metavar="N",
+                     help="requests decoded together, each with a KV cache over the whole context "
+                          "(default: 16 on cuda, 4 on cpu)")
+    srv.add_argument("--max-queue", type=int, metavar="N",
+                     help="requests admitted at once, running or waiting for a batch slot; beyond that, "
+                          "429 with Retry-After (default: 4 x --max-batch)")
 
     fmt = p.add_argument_group("prompt format")
     fmt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
@@ -369,6 +391,20 @@ def chat_loop(llm: LLM, params: SamplingParams, chat: bool, system: str | None =
             session.note(f"error: {e}")
 
 
+def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in the --serve defaults and refuse impossible values before the model loads."""
+    if args.max_batch is None:
+        args.max_batch = 16 if args.device == "cuda" else 4
+    if args.max_queue is None:
+        args.max_queue = 4 * args.max_batch
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.max_batch < 1 or args.max_queue < 1:
+        parser.error("--max-batch and --max-queue must be at least 1")
+    if args.api_key == "":
+        parser.error("--api-key must not be empty")
+
+
 def read_stdin_prompt() -> str:
     return sys.stdin.read().rstrip("\r\n")
 
@@ -380,7 +416,9 @@ def main(argv=None) -> int:
         params = build_params(args)
     except ValueError as e:
         parser.error(str(e))
-    if args.prompt is not None:
+    if args.serve:
+        check_server_args(parser, args)
+    if args.prompt is not None or args.serve:
         interactive = False
     elif args.interactive:
         interactive = True
@@ -390,7 +428,7 @@ def main(argv=None) -> int:
     try:
         path = resolve_checkpoint(args.checkpoint, can_ask=sys.stdin.isatty())
         text = None
-        if not interactive:
+        if not interactive and not args.serve:
             text = read_stdin_prompt() if args.prompt in (None, "-") else args.prompt
             if not text.strip():
                 raise CliExit(2, "error: the prompt is empty")
@@ -402,6 +440,10 @@ def main(argv=None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
 
+    if args.serve:
+        from engine.server import serve
+        return serve(llm, args.host, args.port, model_name=path.name, max_batch=args.max_batch,
+                     max_queue=args.max_queue, api_key=args.api_key)
     chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
     if args.system and not chat:
         print("note: --system is ignored in plain completion mode (--no-chat, or no chat template)", file=sys.stderr)

@@ -43,8 +43,10 @@ setup(
     python_requires=">=3.10",
     # torch is listed without a pin: install the build for your machine first (see README)
     install_requires=["torch", "safetensors", "tokenizers", "tiktoken", "sentencepiece", "jinja2",
-                      "huggingface_hub", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-timeout", "transformers>=5.0", "accelerate"]},
+                      "huggingface_hub", "tqdm",
+                      "fastapi>=0.110", "uvicorn>=0.30", "pydantic>=2.5"],   # the HTTP server (generate.py --serve)
+    extras_require={"test": ["pytest", "pytest-timeout", "transformers>=5.0", "accelerate",
+                             "openai>=1.0", "httpx"]},   # the server tests talk through the official client
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -40,6 +40,7 @@ constexpr int kCombineThreads = 128;
 constexpr int kKeyGranule = 16;       // chunks are multiples of this many keys
 constexpr int kBlocksPerSm = 2;       // split-kernel blocks per SM the default split count aims for
 constexpr int kMinKeysPerSplit = 32;  // no more splits than max_len / this
+constexpr int kMinKeysPerChunk = 64;  // at run time, no chunk shorter than this (unless the sequence is)
 constexpr int kMaxHeadDim = 256;
 constexpr double kLog2e = 1.4426950408889634;
 
@@ -49,7 +50,8 @@ struct Chunks {
 };
 __device__ __forceinline__ Chunks chunks_of(int n_keys, int splits) {
   if (n_keys <= 0) return {kKeyGranule, 0};
-  const int even = (n_keys + splits - 1) / splits;
+  // short sequences use fewer, fuller chunks: less for the combine kernel to merge
+  const int even = max((n_keys + splits - 1) / splits, kMinKeysPerChunk);
   const int chunk = (even + kKeyGranule - 1) / kKeyGranule * kKeyGranule;
   return {chunk, (n_keys + chunk - 1) / chunk};
 }
@@ -332,6 +334,7 @@ struct CombineArgs {
 
 template <typename T, bool kNorm>
 __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(T* __restrict__ out, CombineArgs a) {
+  extern __shared__ float s_row[];  // kNorm: the row and the norm weight, staged once in fp32
   __shared__ float s_w[kMaxAttentionSplits];
   __shared__ float scratch[32];
   __shared__ bool s_last;
@@ -365,10 +368,20 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(T* _
     __syncthreads();
     if (!s_last) return;
     __threadfence();
+    // stage the row and the weight in shared memory with independent loads: the norm and the
+    // quantization then make three passes over shared memory instead of three latency-bound
+    // passes over L2
     const T* weight = static_cast<const T*>(a.norm_weight);
-    quantize_row_strided<true>([&](int i) { return load_float_l2(row, i); },
-                               [&](int i) { return load_float(weight, i); }, a.heads * a.head_dim, a.k_stride, a.eps,
-                               a.x_q + (size_t)b * a.k_stride, a.scale + b);
+    const int n = a.heads * a.head_dim;
+    float* s_weight = s_row + n;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      s_row[i] = load_float_l2(row, i);
+      s_weight[i] = load_float(weight, i);
+    }
+    __syncthreads();
+    quantize_row_strided<true>([&](int i) { return s_row[i]; }, [&](int i) { return s_weight[i]; }, n, a.k_stride,
+                               a.eps, a.x_q + (size_t)b * a.k_stride, a.scale + b);
   }
 }
 
@@ -418,9 +431,16 @@ cudaError_t launch_typed(const T* q, int batch, int heads, const int64_t* slots,
   CombineArgs ca{slots, positions, heads, cache.max_len, cache.slots, cache.head_dim, splits, ws,
                  norm_weight, eps, k_stride, x_q, scale};
   const dim3 grid(heads, batch);
-  if (fused)
-    return launch_pdl(attention_combine_kernel<T, true>, grid, dim3(kCombineThreads), 0, stream,
+  if (fused) {
+    const size_t smem = 2 * (size_t)heads * cache.head_dim * sizeof(float);
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(attention_combine_kernel<T, true>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if (e != cudaSuccess) return e;
+    }
+    return launch_pdl(attention_combine_kernel<T, true>, grid, dim3(kCombineThreads), smem, stream,
                       static_cast<T*>(ws.row), ca);
+  }
   return launch_pdl(attention_combine_kernel<T, false>, grid, dim3(kCombineThreads), 0, stream, out, ca);
 }
 

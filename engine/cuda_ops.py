@@ -13,6 +13,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .ops import TernaryWeight, TorchOps
@@ -61,8 +62,8 @@ class CudaOps(TorchOps):
 
     def attention(self, q, positions, slots, k_cache, v_cache, span=None):
         """Decode steps (T = 1): the flash-decoding kernel, no host sync. Prompt chunks (T > 1):
-        fused SDPA over cache entries 0..span-1, without a [T, T] score matrix; causal when the
-        chunk starts at 0, else with a [T, span] visibility mask (later chunks of a long prompt)."""
+        fused SDPA over cache entries 0..span-1, without a [T, T] score matrix. The runtime's prompt
+        chunks are contiguous: positions span-T .. span-1 of their sequence."""
         b, t, heads, d = q.shape
         if t == 1:
             out = kernels.decode_attention(q.reshape(b, heads, d), k_cache, v_cache, slots.long(),
@@ -74,11 +75,10 @@ class CudaOps(TorchOps):
         if span == t:   # the whole prompt in one chunk: plain causal attention (flash)
             out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True,
                                                  enable_gqa=heads != keys.shape[1])
-        else:
+        else:   # a later chunk: query i sees keys 0..span-t+i, the causal mask aligned bottom-right
             group = heads // keys.shape[1]
             keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-            visible = torch.arange(span, device=q.device) <= positions[:, None, :, None]   # [B, 1, T, S]
-            out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=visible)
+            out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=causal_lower_right(t, span))
         return out.transpose(1, 2).reshape(b, t, heads * d).to(self.dtype)
 
     def attention_norm_quant(self, q, positions, slots, k_cache, v_cache, sub_norm, eps, span=None):
