@@ -43,13 +43,20 @@ def copies_for(nbytes: int) -> int:
     return min(max(4, math.ceil(ROTATE_BYTES / nbytes)), 1024)
 
 
-def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]:
+def rotated_weights(n: int, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A random ternary n x k weight as enough tiled copies (ours) and bf16 copies (torch's) to
+    rotate through so that each launch reads its weights from HBM."""
     gen = torch.Generator().manual_seed(n + k)
     w = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)
     tiled = kernels.repack(pack_ternary(w).cuda(), n, k)
     copies = [tiled] + [tiled.clone() for _ in range(copies_for(tiled.numel() * 4) - 1)]
     w_bf16 = w.to(torch.bfloat16).cuda()
     bf16_copies = [w_bf16] + [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2) - 1)]
+    return copies, bf16_copies
+
+
+def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]:
+    copies, bf16_copies = rotated_weights(n, k)
     rows = []
     for m in ms:
         print(f"  {n} x {k}, M={m} ...", file=sys.stderr, flush=True)
@@ -79,12 +86,7 @@ def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]
 
 def bench_prefill(n: int, k: int, ms, sweep: bool) -> list[dict]:
     """Many tokens: the large-M kernel against torch bf16 matmul, in int8 TOPS (2 M N K / time)."""
-    gen = torch.Generator().manual_seed(n + k)
-    w = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)
-    tiled = kernels.repack(pack_ternary(w).cuda(), n, k)
-    copies = [tiled] + [tiled.clone() for _ in range(copies_for(tiled.numel() * 4) - 1)]
-    w_bf16 = w.to(torch.bfloat16).cuda()
-    bf16_copies = [w_bf16] + [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2) - 1)]
+    copies, bf16_copies = rotated_weights(n, k)
     rows = []
     for m in ms:
         print(f"  prefill {n} x {k}, M={m} ...", file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@
 
 #include <type_traits>
 
+#include "gemm_common.cuh"
 #include "kernels.h"
 #include "launch.cuh"
 
@@ -66,14 +67,6 @@ __global__ void repack_kernel(const uint8_t* __restrict__ canonical, int n, int 
   if (bad) atomicExch(invalid, 1);
 }
 
-__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                       uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Weights are read once: stream them past L1.
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
   uint4 v;
@@ -81,18 +74,6 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return static_cast<float>(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
-  else return v;
 }
 
 template <int RT, int NT, typename Out>
@@ -209,10 +190,7 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
     if constexpr (std::is_same_v<Out, int>) {
       out[o] = dot;
     } else {
-      float scale = seg.scale[0];
-#pragma unroll
-      for (int j = 1; j < kMaxSegments; ++j)
-        if (j < seg.count && row >= seg.end[j - 1]) scale = seg.scale[j];
+      const float scale = segment_scale(seg, row);
       // exactly the reference epilogue: (acc * w_scale) / x_scale (+ residual), IEEE-rounded fp32
       float y = __fdiv_rn(__fmul_rn(static_cast<float>(dot), scale), x_scale[tok]);
       if (residual != nullptr) y = __fadd_rn(y, to_float(residual[o]));

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gemm_common.cuh"
 #include "kernels.h"
 #include "launch.cuh"
 
@@ -79,34 +80,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
-}
-
-__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                       uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return static_cast<float>(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
-  else return v;
-}
-
-__device__ __forceinline__ float segment_scale(const Segments& seg, int row) {
-  float scale = seg.scale[0];
-#pragma unroll
-  for (int j = 1; j < kMaxSegments; ++j)
-    if (j < seg.count && row >= seg.end[j - 1]) scale = seg.scale[j];
-  return scale;
 }
 
 // IEEE division a / b (what __fdiv_rn returns) without a reciprocal per element. The sequence is

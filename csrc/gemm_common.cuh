@@ -1,0 +1,44 @@
+// Device helpers shared by the two W2A8 GEMM kernels (w2a8_gemm.cu for decode, w2a8_gemm_large.cu
+// for prefill): the int8 tensor-core MMA, dtype conversion, and each output row's segment scale.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace bitnet {
+
+// d += A (16 x 32 s8, row) . B (32 x 8 s8, col), exact int32
+__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return static_cast<float>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return v;
+}
+
+// The weight scale of output row `row`: fused projections (q|k|v, gate|up) keep their own.
+__device__ __forceinline__ float segment_scale(const Segments& seg, int row) {
+  float scale = seg.scale[0];
+#pragma unroll
+  for (int j = 1; j < kMaxSegments; ++j)
+    if (j < seg.count && row >= seg.end[j - 1]) scale = seg.scale[j];
+  return scale;
+}
+
+}  // namespace bitnet
