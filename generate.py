@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: %(default)s)")
     h.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="activation precision (default: float32 on cpu)")
+    h.add_argument("--head", choices=("bf16", "int8"), default="bf16",
+                   help="LM head weights: bf16 is the checkpoint's table as it is (exact to the checkpoint); "
+                        "int8 quantizes it per vocabulary row (one fp32 scale each), which halves the memory "
+                        "the head reads per generated token (the largest single read of a decode step) at a "
+                        "small accuracy cost: logits move slightly and a near-tie for the likeliest token can "
+                        "flip (default: %(default)s)")
     return p
 
 
@@ -234,11 +240,12 @@ def resolve_checkpoint(given: str, can_ask: bool) -> Path:
     raise CliExit(2, no_model_message(path, given))
 
 
-def load_model(path: Path, device: str, dtype: str | None) -> LLM:
+def load_model(path: Path, device: str, dtype: str | None, head: str = "bf16") -> LLM:
     print(f"loading {path} ...", file=sys.stderr)
     try:
-        return LLM(path, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    except (CheckpointError, TokenizerError, OSError, RuntimeError) as e:  # RuntimeError: device not available
+        return LLM(path, device=device, dtype=getattr(torch, dtype) if dtype else None, head=head)
+    # RuntimeError: device not available; ValueError: e.g. a head the kernels cannot take
+    except (CheckpointError, TokenizerError, OSError, RuntimeError, ValueError) as e:
         raise CliExit(1, f"error: {e}") from None
 
 
@@ -432,7 +439,7 @@ def main(argv=None) -> int:
             text = read_stdin_prompt() if args.prompt in (None, "-") else args.prompt
             if not text.strip():
                 raise CliExit(2, "error: the prompt is empty")
-        llm = load_model(path, args.device, args.dtype)
+        llm = load_model(path, args.device, args.dtype, args.head)
     except CliExit as e:
         print(e.message, file=sys.stderr)
         return e.code

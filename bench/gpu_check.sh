@@ -64,7 +64,7 @@ if want tests; then
   echo "tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30
 fi
-want e2e && { echo "end to end:"; tail -n 14 "$OUT/e2e.log"; }
+want e2e && { echo "end to end:"; tail -n 20 "$OUT/e2e.log"; }
 want profile && { echo "decode profile (no PDL):"; grep -v Warn "$OUT/profile-b1-nopdl.log" | head -n 16
   tail -n 1 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b64.log"; }
 want serve && [ -f "$OUT/serve.log" ] && { echo "server:"; tail -n 8 "$OUT/serve.log"; }

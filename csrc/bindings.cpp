@@ -83,6 +83,45 @@ std::vector<Tensor> quantize(const Tensor& x, const std::optional<Tensor>& weigh
   return {q.narrow(1, 0, k), s};
 }
 
+bitnet::Segments segments_of(const std::vector<int64_t>& ends, const std::vector<double>& scales, int64_t n) {
+  const int count = static_cast<int>(ends.size());
+  TORCH_CHECK(count >= 1 && count <= bitnet::kMaxSegments && scales.size() == ends.size(),
+              "between 1 and ", bitnet::kMaxSegments, " segments, each with one scale");
+  TORCH_CHECK(ends.back() == n, "the segments must end at n = ", n);
+  bitnet::Segments seg{};
+  seg.count = count;
+  for (int i = 0; i < count; ++i) {
+    TORCH_CHECK(ends[i] > (i ? ends[i - 1] : 0), "segment ends must increase");
+    seg.end[i] = static_cast<int>(ends[i]);
+    seg.scale[i] = static_cast<float>(scales[i]);
+  }
+  return seg;
+}
+
+void check_tiled(const Tensor& tiled, int64_t n, int64_t k, const Tensor& like) {
+  TORCH_CHECK(tiled.is_cuda() && tiled.scalar_type() == torch::kInt32 && tiled.is_contiguous() && tiled.dim() == 4 &&
+                  tiled.size(0) == bitnet::ceil_div(n, bitnet::kTileRows) && tiled.size(1) == padded_k(k) / bitnet::kChunkK,
+              "the tiled weight does not match a ", n, "x", k, " projection");
+  TORCH_CHECK(like.device() == tiled.device(), "the input and the weight are on different devices");
+}
+
+// The output [m, n] (out, or a new tensor) and the residual's pointer, both of out_dtype.
+std::pair<Tensor, Tensor> gemm_output(const Tensor& like, int64_t m, int64_t n, torch::ScalarType out_dtype,
+                                      const std::optional<Tensor>& residual, const std::optional<Tensor>& out) {
+  Tensor y = out ? *out : torch::empty({m, n}, like.options().dtype(out_dtype));
+  TORCH_CHECK(y.scalar_type() == out_dtype && y.is_contiguous() && y.size(0) == m && y.size(1) == n &&
+                  y.device() == like.device(),
+              "out must be a contiguous [", m, ", ", n, "] tensor of out_dtype on ", like.device());
+  Tensor res;
+  if (residual) {
+    TORCH_CHECK(out_dtype != torch::kInt32, "no residual with int32 output");
+    TORCH_CHECK(residual->scalar_type() == out_dtype && residual->size(0) == m && residual->size(1) == n,
+                "residual must be [", m, ", ", n, "] of out_dtype");
+    res = residual->contiguous();
+  }
+  return {y, res};
+}
+
 // out [m, n] = x_q [m, k] . W^T, dequantized per segment (or raw int32 when out_dtype is int32)
 Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t n, int64_t k,
             const std::vector<int64_t>& segment_ends, const std::vector<double>& segment_scales,
@@ -95,48 +134,25 @@ Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64
   TORCH_CHECK(x_q.size(1) == k, "x_q has ", x_q.size(1), " features but the weight expects ", k);
   TORCH_CHECK(x_q.stride(1) == 1 && x_q.stride(0) == padded_k(k) && x_q.storage_offset() % 16 == 0,
               "x_q must come from engine.kernels.quantize (rows padded to ", padded_k(k), " bytes)");
-  TORCH_CHECK(tiled.is_cuda() && tiled.scalar_type() == torch::kInt32 && tiled.is_contiguous() && tiled.dim() == 4 &&
-                  tiled.size(0) == bitnet::ceil_div(n, bitnet::kTileRows) && tiled.size(1) == padded_k(k) / bitnet::kChunkK,
-              "the tiled weight does not match a ", n, "x", k, " projection");
-  TORCH_CHECK(x_q.device() == tiled.device(), "x_q and the weight are on different devices");
+  check_tiled(tiled, n, k, x_q);
   TORCH_CHECK(x_scale.is_cuda() && x_scale.scalar_type() == torch::kFloat32 && x_scale.numel() == m && x_scale.is_contiguous(),
               "x_scale must be a contiguous fp32 CUDA tensor of ", m, " values");
-  const int count = static_cast<int>(segment_ends.size());
-  TORCH_CHECK(count >= 1 && count <= bitnet::kMaxSegments && segment_scales.size() == segment_ends.size(),
-              "between 1 and ", bitnet::kMaxSegments, " segments, each with one scale");
-  TORCH_CHECK(segment_ends.back() == n, "the segments must end at n = ", n);
-  bitnet::Segments seg{};
-  seg.count = count;
-  for (int i = 0; i < count; ++i) {
-    TORCH_CHECK(segment_ends[i] > (i ? segment_ends[i - 1] : 0), "segment ends must increase");
-    seg.end[i] = static_cast<int>(segment_ends[i]);
-    seg.scale[i] = static_cast<float>(segment_scales[i]);
-  }
+  const bitnet::Segments seg = segments_of(segment_ends, segment_scales, n);
   bitnet::DType dtype;
   if (out_dtype == torch::kInt32) dtype = bitnet::DType::kInt32;
   else if (out_dtype == torch::kFloat32) dtype = bitnet::DType::kFloat32;
   else if (out_dtype == torch::kBFloat16) dtype = bitnet::DType::kBFloat16;
   else TORCH_CHECK(false, "out_dtype must be int32, float32 or bfloat16");
   const c10::cuda::CUDAGuard guard(x_q.device());
-  Tensor y = out ? *out : torch::empty({m, n}, x_q.options().dtype(out_dtype));
-  TORCH_CHECK(y.scalar_type() == out_dtype && y.is_contiguous() && y.size(0) == m && y.size(1) == n,
-              "out must be a contiguous [", m, ", ", n, "] tensor of out_dtype");
-  const void* res = nullptr;
-  Tensor res_c;
-  if (residual) {
-    TORCH_CHECK(dtype != bitnet::DType::kInt32, "no residual with int32 output");
-    TORCH_CHECK(residual->scalar_type() == out_dtype && residual->size(0) == m && residual->size(1) == n,
-                "residual must be [", m, ", ", n, "] of out_dtype");
-    res_c = residual->contiguous();
-    res = res_c.data_ptr();
-  }
+  auto [y, res] = gemm_output(x_q, m, n, out_dtype, residual, out);
   TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel must be 0 (auto), 1 (small-M) or 2 (large-M), got ", kernel);
   TORCH_CHECK(large_tile >= 0 && large_tile <= 3, "large_tile must be 0 (auto) or 1..3, got ", large_tile);
   bitnet::GemmConfig cfg{static_cast<int>(row_tiles_per_block), static_cast<int>(warps), static_cast<int>(kernel),
                          static_cast<int>(large_tile)};
   check_cuda(bitnet::w2a8_gemm(x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), m,
-                               reinterpret_cast<const uint32_t*>(tiled.data_ptr<int>()), n, k, seg, res, y.data_ptr(),
-                               dtype, cfg, c10::cuda::getCurrentCUDAStream()),
+                               reinterpret_cast<const uint32_t*>(tiled.data_ptr<int>()), n, k, seg,
+                               res.defined() ? res.data_ptr() : nullptr, y.data_ptr(), dtype, cfg,
+                               c10::cuda::getCurrentCUDAStream()),
              "w2a8_gemm");
   return y;
 }
@@ -268,6 +284,36 @@ std::vector<Tensor> act_norm_quant(const Tensor& gate_up, const Tensor& weight, 
   return {x_q.narrow(1, 0, f), scale};
 }
 
+// ---- the int8 LM head ----
+
+// logits fp32 [m, V] = (x [m, k] . w_q [V, k]^T) * scale [V]
+Tensor lm_head_int8(const Tensor& x, const Tensor& w_q, const Tensor& scale, const std::optional<Tensor>& out) {
+  check_2d_cuda(x, "x");
+  const auto dtype = float_dtype(x, "x");
+  check_2d_cuda(w_q, "w_q");
+  TORCH_CHECK(w_q.scalar_type() == torch::kInt8 && w_q.is_contiguous(), "w_q must be a contiguous int8 tensor");
+  const int64_t m = x.size(0), k = x.size(1), v = w_q.size(0);
+  TORCH_CHECK(m > 0 && k > 0 && v > 0, "x and w_q must not be empty");
+  TORCH_CHECK(w_q.size(1) == k, "x has ", k, " features but the rows of w_q have ", w_q.size(1));
+  TORCH_CHECK(k <= bitnet::kLmHeadMaxK, "the int8 head takes rows of at most ", bitnet::kLmHeadMaxK, " features, got ", k);
+  TORCH_CHECK(m < (1LL << 31) && v < (1LL << 31), "x or w_q has too many rows");
+  TORCH_CHECK(x.device() == w_q.device(), "x and w_q are on different devices");
+  TORCH_CHECK(scale.device() == x.device() && scale.scalar_type() == torch::kFloat32 && scale.dim() == 1 &&
+                  scale.size(0) == v && scale.is_contiguous(),
+              "scale must be a contiguous fp32 vector of ", v, " values on x's device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous();
+  Tensor y = out ? *out : torch::empty({m, v}, x.options().dtype(torch::kFloat32));
+  TORCH_CHECK(y.device() == x.device() && y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2 &&
+                  y.size(0) == m && y.size(1) == v,
+              "out must be a contiguous fp32 [", m, ", ", v, "] tensor on x's device");
+  check_cuda(bitnet::lm_head_int8(xc.data_ptr(), dtype, static_cast<int>(m), static_cast<int>(k),
+                                  w_q.data_ptr<int8_t>(), scale.data_ptr<float>(), static_cast<int>(v),
+                                  y.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+             "lm_head_int8");
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -280,6 +326,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("splits") = 0);
   m.def("act_norm_quant", &act_norm_quant, "act(gate) * up, RMSNorm and int8 quantization", py::arg("gate_up"),
         py::arg("weight"), py::arg("eps"), py::arg("activation"));
+  m.def("lm_head_int8", &lm_head_int8, "the int8 LM head: fp32 logits of x against int8 rows with fp32 scales",
+        py::arg("x"), py::arg("w_q"), py::arg("scale"), py::arg("out") = py::none());
   m.def("repack", &repack, "canonical 2-bit codes -> the GEMM's tiled layout", py::arg("codes"), py::arg("n"), py::arg("k"));
   m.def("quantize", &quantize, "per-row int8 quantization, optionally of rmsnorm(x) * weight", py::arg("x"),
         py::arg("weight") = py::none(), py::arg("eps") = 1e-5, py::arg("out_q") = py::none(),
@@ -288,4 +336,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("k"), py::arg("segment_ends"), py::arg("segment_scales"), py::arg("residual") = py::none(),
         py::arg("out_dtype") = torch::kBFloat16, py::arg("out") = py::none(), py::arg("row_tiles_per_block") = 0,
         py::arg("warps") = 0, py::arg("kernel") = 0, py::arg("large_tile") = 0);
+
 }

@@ -107,4 +107,15 @@ cudaError_t act_rmsnorm_quantize_rows(const void* gate_up, const void* weight, D
                                       int m, int f, int k_stride, float eps, int8_t* x_q, float* scale,
                                       cudaStream_t stream);
 
+// ---- the int8 LM head (lm_head.cu) ----
+
+// Longest row the int8 head takes: one fp32 row of x must fit in its 96 KB of shared memory.
+constexpr int kLmHeadMaxK = 24576;
+
+// out[m, v] = scale[v] * sum_k x[m, k] * w[v, k]: x [m, k] (fp32 or bf16, contiguous), w int8 [v, k]
+// row-major, scale fp32 [v], out fp32 [m, v]. fp32 products and sums in a fixed order per logit (it
+// does not depend on m). Any m, v; 1 <= k <= kLmHeadMaxK. No allocation, no host sync.
+cudaError_t lm_head_int8(const void* x, DType x_dtype, int m, int k, const int8_t* w, const float* scale, int v,
+                         float* out, cudaStream_t stream);
+
 }  // namespace bitnet

@@ -6,17 +6,24 @@ the MLP activation + sub-norm + quantization, and the attention sub-norm + quant
 attention output. Attention differs from the reference only in floating-point summation order:
 decode steps (flash-decoding kernel, no host sync, so a step replays in a CUDA graph) and prompts
 (fused SDPA, instead of materialized [T, T] scores); so does the LM head (a bf16 GEMM accumulating
-and returning fp32, to keep memory at one copy of the embedding).
+and returning fp32, to keep memory at one copy of the embedding; or, with an Int8Head, the int8 head
+kernel of csrc/lm_head.cu: fp32 products and sums of the same int8 values as the reference).
 """
 
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
-from .ops import TernaryWeight, TorchOps
+from .ops import Int8Head, TernaryWeight, TorchOps
+
+# The bf16 LM head is the engine's only cuBLAS call. On Hopper torch gives cuBLAS a 32 MiB workspace
+# per stream (the runtime uses three: prompts, graph warm-up, graph capture): 100 MB of a 1.6 GB
+# budget, for a GEMV that needs none. 4 MiB each, unless the user chose (read at cuBLAS's first use).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
 
 
 class CudaOps(TorchOps):
@@ -97,7 +104,15 @@ class CudaOps(TorchOps):
         y_q, scale = kernels.act_norm_quant(gate_up.reshape(-1, 2 * f), sub_norm.to(gate_up.dtype), eps, activation)
         return y_q.view(*lead, f), scale.view(*lead, 1)
 
+    def int8_head(self, table) -> Int8Head:
+        if table.shape[1] > kernels.LM_HEAD_MAX_K:
+            raise ValueError(f"the int8 head kernel takes rows of at most {kernels.LM_HEAD_MAX_K} features; "
+                             f"this model's hidden size is {table.shape[1]} (use the bf16 head)")
+        return super().int8_head(table)
+
     def lm_head(self, x, table):
+        if isinstance(table, Int8Head):
+            return kernels.lm_head_int8(x, table.w_q, table.scale)
         if table.dtype == torch.float32:
             return x.float() @ table.t()
         return torch.mm(x.to(table.dtype), table.t(), out_dtype=torch.float32)  # fp32 accumulation and result

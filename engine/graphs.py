@@ -7,6 +7,8 @@ on the cache's shape. A batch smaller than its bucket is padded with copies of i
 which recompute that row and write the same keys and values to the same place.
 """
 
+import array
+
 import torch
 
 from .model import BitNetModel, KVCache
@@ -20,8 +22,10 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         top = self.buckets[-1]
         dev = model.ops.device
-        self.inputs = torch.zeros(3, top, dtype=torch.long, device=dev)   # ids, positions, slots
-        self.staging = torch.zeros(3, top, dtype=torch.long, pin_memory=True)
+        # each bucket reads its own contiguous [ids; positions; slots], filled by one copy from
+        # the pinned staging buffer
+        self.inputs = {b: torch.zeros(3, b, dtype=torch.long, device=dev) for b in self.buckets}
+        self.staging = torch.zeros(3 * top, dtype=torch.long, pin_memory=True)
         self.staged = torch.cuda.Event()   # the last copy out of `staging` is done
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()   # one memory pool: buckets share their activations
@@ -30,8 +34,8 @@ class DecodeGraphs:
             self.graphs[b] = self._capture(b, pool)
 
     def _forward(self, b: int):
-        ids, positions, slots = self.inputs[0, :b, None], self.inputs[1, :b, None], self.inputs[2, :b]
-        logits = self.model.forward(ids, positions, self.cache, slots)
+        inputs = self.inputs[b]
+        logits = self.model.forward(inputs[0, :, None], inputs[1, :, None], self.cache, inputs[2])
         return logits, logits.argmax(dim=-1)
 
     def _capture(self, b: int, pool):
@@ -46,16 +50,18 @@ class DecodeGraphs:
         return graph, logits, greedy
 
     def run(self, ids: list[int], positions: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the smallest bucket that holds the batch: fp32 logits [n, V], argmax ids [n]."""
+        """Replay the smallest bucket that holds the batch: fp32 logits [n, V], argmax ids [n].
+        Nothing here waits for the GPU (unless the previous step's inputs are still being copied)."""
         n = len(ids)
         b = next(b for b in self.buckets if b >= n)
         pad = b - n
+        if pad:
+            ids, positions, slots = ids + ids[:1] * pad, positions + positions[:1] * pad, slots + slots[:1] * pad
+        values = torch.frombuffer(array.array("q", ids + positions + slots), dtype=torch.long)
         self.staged.synchronize()   # do not overwrite pinned memory a copy is still reading
-        staged = self.staging[:, :b]
-        staged[0] = torch.tensor(ids + ids[:1] * pad)
-        staged[1] = torch.tensor(positions + positions[:1] * pad)
-        staged[2] = torch.tensor(slots + slots[:1] * pad)
-        self.inputs[:, :b].copy_(staged, non_blocking=True)
+        staged = self.staging[:3 * b]
+        staged.copy_(values)
+        self.inputs[b].view(-1).copy_(staged, non_blocking=True)
         self.staged.record()
         graph, logits, greedy = self.graphs[b]
         graph.replay()

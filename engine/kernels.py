@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "w2a8_gemm.cu", "w2a8_gemm_large.cu", "quantize.cu", "decode.cu", "decode_attention.cu")
+SOURCES = ("bindings.cpp", "w2a8_gemm.cu", "w2a8_gemm_large.cu", "quantize.cu", "decode.cu", "decode_attention.cu",
+           "lm_head.cu")
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
 CHUNK_K = 128  # inputs per tile of the GEMM layout: activation rows are padded to a multiple of it
 
@@ -218,3 +219,35 @@ def act_norm_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: float, acti
     if activation not in ("relu2", "silu"):
         raise ValueError(f"activation must be 'relu2' or 'silu', got {activation!r}")
     return tuple(load().act_norm_quant(gate_up.contiguous(), weight, float(eps), activation))
+
+
+# ---- the int8 LM head -----------------------------------------------------------------------------
+LM_HEAD_MAX_K = 24576  # csrc/kernels.h kLmHeadMaxK: one fp32 row of x fits the kernel's shared memory
+
+
+def lm_head_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
+    """The int8 LM head (engine.ops.Int8Head): fp32 logits [m, V] = (x [m, K] . w_q [V, K]^T) * scale [V].
+
+    x bf16 or fp32 on the GPU, w_q int8 [V, K] contiguous, scale fp32 [V]; out, if given, a contiguous
+    fp32 [m, V] tensor written in place (no allocation: CUDA-graph friendly either way). Products and
+    sums in fp32; each logit's summation order is fixed by K alone, so a row of x gets bit-identical
+    logits whatever m is. Any m and V, 1 <= K <= LM_HEAD_MAX_K."""
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES or not x.is_cuda or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty 2-D bf16 or fp32 CUDA tensor, got {x.dtype} {list(x.shape)} "
+                         f"on {x.device}")
+    if w_q.dim() != 2 or w_q.dtype != torch.int8 or w_q.device != x.device or not w_q.is_contiguous() \
+            or w_q.shape[0] == 0:
+        raise ValueError(f"w_q must be a contiguous int8 [V, K] tensor on {x.device}, got {w_q.dtype} "
+                         f"{list(w_q.shape)} on {w_q.device}{'' if w_q.is_contiguous() else ', not contiguous'}")
+    v, k = w_q.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} features but the head's rows have {k}")
+    if k > LM_HEAD_MAX_K:
+        raise ValueError(f"the int8 head takes rows of at most {LM_HEAD_MAX_K} features, got {k}")
+    if scale.shape != (v,) or scale.dtype != torch.float32 or scale.device != x.device or not scale.is_contiguous():
+        raise ValueError(f"scale must be a contiguous fp32 vector of {v} values on {x.device}, got {scale.dtype} "
+                         f"{list(scale.shape)} on {scale.device}")
+    if out is not None and (out.shape != (x.shape[0], v) or out.dtype != torch.float32 or out.device != x.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous fp32 [{x.shape[0]}, {v}] tensor on {x.device}")
+    return load().lm_head_int8(x.contiguous(), w_q, scale, out)

@@ -59,9 +59,27 @@ def make_ops(device: torch.device, dtype: torch.dtype | None) -> TorchOps:
     raise RuntimeError(f"unsupported device {device.type!r}; use 'cpu' or 'cuda'")
 
 
+HEADS = ("bf16", "int8")
+
+
+def check_head(head) -> str:
+    """The LM head choice: "bf16" (the checkpoint's table as it is: exact) or "int8" (per-row int8 with
+    fp32 scales: half the head's bytes per decode step, logits no longer exact)."""
+    if not isinstance(head, str) or head not in HEADS:
+        raise ValueError(f"head must be 'bf16' (the checkpoint's table, exact) or 'int8' (per-row int8, half the "
+                         f"head's memory traffic), got {head!r}")
+    return head
+
+
 class LLM:
+    """A loaded model. head: "bf16" (default) uses the checkpoint's head table as it is; "int8"
+    replaces it by per-row int8 values and fp32 scales (engine.ops.Int8Head): half the bytes the
+    head reads per decode step, at a small accuracy cost. On the CPU the int8 head is the reference
+    the GPU kernel is tested against (same int8 values and scales, fp32 sums)."""
+
     def __init__(self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, head: str = "bf16"):
+        check_head(head)
         path = Path(path)
         # a folder with its own config.json is taken as the checkpoint (load_checkpoint says what
         # is wrong with it); otherwise look for the one checkpoint inside
@@ -71,21 +89,30 @@ class LLM:
                                   f"{path} holds several checkpoints ({', '.join(p.name for p in found)}); pick one")
         ops = make_ops(torch.device(device), dtype)
         config, tensors = load_checkpoint(found[0])
-        self._setup(config, tensors, load_tokenizer(found[0]), ops, graphs)
+        self._setup(config, tensors, load_tokenizer(found[0]), ops, graphs, head)
         self.path = found[0]
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer,
-                     device: str = "cpu", dtype: torch.dtype | None = None, graphs: bool | None = None) -> "LLM":
-        """An LLM from tensors in the checkpoint format held in memory (benchmarks build random ones)."""
+                     device: str = "cpu", dtype: torch.dtype | None = None, graphs: bool | None = None,
+                     head: str = "bf16", ops: TorchOps | None = None) -> "LLM":
+        """An LLM from tensors in the checkpoint format held in memory (benchmarks build random ones).
+        ops: an ops object to run the model with instead of the device's own (device and dtype are then
+        ignored), e.g. a benchmark's baseline."""
+        check_head(head)
         llm = cls.__new__(cls)
-        llm._setup(config, tensors, tokenizer, make_ops(torch.device(device), dtype), graphs)
+        ops = ops if ops is not None else make_ops(torch.device(device), dtype)
+        llm._setup(config, tensors, tokenizer, ops, graphs, head)
         llm.path = None
         return llm
 
-    def _setup(self, config: ModelConfig, tensors, tokenizer, ops: TorchOps, graphs: bool | None) -> None:
+    def _setup(self, config: ModelConfig, tensors, tokenizer, ops: TorchOps, graphs: bool | None,
+               head: str = "bf16") -> None:
         self.config, self.tokenizer, self.ops = config, tokenizer, ops
         self.model = BitNetModel(config, tensors, ops)
+        self.head = head
+        if head == "int8":  # the bf16 table stays for token lookups (embed_tokens) when the head is tied
+            self.model.head = ops.int8_head(self.model.head)
         self.end_ids = set(config.eos_token_ids) | set(tokenizer.end_token_ids())
         self.context_length = config.max_position_embeddings
         self.graphs = graphs            # None: CUDA graphs on a GPU, eager on the CPU

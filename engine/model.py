@@ -74,12 +74,19 @@ class BitNetModel:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                all_logits: bool = False, span: int | None = None) -> torch.Tensor:
+                all_logits: bool = False, span: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
         """Run tokens ids [B, T] at positions [B, T] for the sequences in cache slots [B].
 
         Writes their keys/values into the cache and returns fp32 logits: [B, T, V] when all_logits,
-        else [B, V] for each row's last token. span: max(positions) + 1, if the caller knows it
-        (prompts: saves the attention a read-back of positions; decode steps never need it).
+        else [B, V] for each row's last token, or with `last` (int64 [B], on the model's device)
+        for each row's token at index last[b] of T (right-padded prompts of different lengths:
+        only those rows go through the final norm and the LM head). span: max(positions) + 1, if
+        the caller knows it (prompts: saves the attention a read-back of positions; decode steps
+        never need it).
+
+        Rows are independent: row b's keys see only row b's cache slot, and a query at position p
+        attends to that sequence's entries 0..p. So padding after a prompt's end changes nothing
+        for the prompt's own positions; it only writes cache entries past them.
         """
         ops, cfg, eps = self.ops, self.cfg, self.cfg.rms_norm_eps
         x = ops.embed(ids, self.embed_tokens)
@@ -92,7 +99,9 @@ class BitNetModel:
             hq, hs = ops.rmsnorm_quant(x, layer.post_attn_norm, eps)
             fq, fs = ops.gate_up_act_norm_quant(hq, hs, layer.gate_up, cfg.activation, layer.ffn_sub_norm, eps)
             x = ops.bitlinear(fq, fs, layer.down, residual=x)
-        if not all_logits:
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        elif not all_logits:
             x = x[:, -1]
         x = ops.rmsnorm(x, self.norm, eps)
         logits = ops.lm_head(x.reshape(-1, cfg.hidden_size), self.head)

@@ -10,7 +10,8 @@ Precision contract (dtype = the activation dtype, float32 or bfloat16):
   * a BitLinear output is `acc * w_scale / x_scale` in fp32 (+ residual in fp32), rounded once to dtype;
   * RoPE, attention (scores, softmax, weighted sum) and the MLP activation run in fp32 on
     dtype-rounded inputs, results rounded to dtype;
-  * logits are fp32.
+  * logits are fp32: the bf16 table's or an Int8Head's (optional, `LLM(head="int8")`), products and
+    sums in fp32 either way.
 """
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .quant import dequantize, int_dot, quantize_activations, rmsnorm, unpack_codes
+from .quant import dequantize, int_dot, quantize_activations, quantize_rows_int8, rmsnorm, unpack_codes
 
 
 @dataclass
@@ -34,6 +35,23 @@ class TernaryWeight:
     @property
     def out_features(self) -> int:
         return sum(self.segments)
+
+
+@dataclass
+class Int8Head:
+    """The LM head as int8 rows with one fp32 scale per vocabulary entry (engine.quant.quantize_rows_int8),
+    used in place of the bf16 table: logits[m, v] = scale[v] * sum_k x[m, k] * w_q[v, k]. Half the
+    bytes of the bf16 table per decode step, at the cost of the rows' quantization error."""
+    w_q: torch.Tensor       # int8 [V, H]
+    scale: torch.Tensor     # fp32 [V]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w_q.shape
+
+
+# rows of an Int8Head converted to fp32 at a time by the reference (bounds its temporary memory)
+HEAD_CHUNK_ROWS = 16384
 
 
 class TorchOps:
@@ -128,8 +146,23 @@ class TorchOps:
         act = torch.relu(gate).square() if activation == "relu2" else F.silu(gate)
         return self.rmsnorm_quant(act * up, sub_norm, eps)
 
-    def lm_head(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """x [M, H] dtype, table [V, H] -> fp32 logits [M, V] (fp32 accumulation)."""
+    def int8_head(self, table: torch.Tensor) -> Int8Head:
+        """The int8 head made from a head table [V, H]: quantized per row on the CPU, whatever the device
+        (torch divides by a scalar through its reciprocal on a GPU, so the scales would differ by an
+        ulp), then moved to this device."""
+        w_q, scale = quantize_rows_int8(table.cpu())
+        return Int8Head(w_q.to(self.device), scale.to(self.device))
+
+    def lm_head(self, x: torch.Tensor, table: torch.Tensor | Int8Head) -> torch.Tensor:
+        """x [M, H] dtype -> fp32 logits [M, V]. table: the [V, H] head table, or an Int8Head, whose
+        exact int8 values (in fp32) give fp32 dot products then times the row's scale in fp32."""
+        if isinstance(table, Int8Head):
+            x = x.float()
+            out = torch.empty(x.shape[0], table.w_q.shape[0], dtype=torch.float32, device=x.device)
+            for start in range(0, table.w_q.shape[0], HEAD_CHUNK_ROWS):
+                rows = table.w_q[start:start + HEAD_CHUNK_ROWS]
+                out[:, start:start + rows.shape[0]] = x @ rows.float().t()
+            return out.mul_(table.scale)
         return x.float() @ table.float().t()
 
 

@@ -99,3 +99,36 @@ def unpack_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
 def unpack_ternary(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Canonical packed uint8 [N, ceil(K / 4)] -> ternary int8 [N, K]."""
     return unpack_codes(packed, k).to(torch.int8) - 1
+
+
+# ---- the optional int8 LM head ------------------------------------------------------------------
+HEAD_QMAX = 127  # symmetric: codes in [-127, 127]
+
+
+def quantize_rows_int8(table: torch.Tensor, chunk_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantization of an LM head table [V, K] (engine.ops.Int8Head).
+
+    In fp32: scale[v] = max_k |table[v, k]| / 127, w_q[v, k] = clamp(round_half_even(table[v, k] / scale[v]),
+    -127, 127); so |w_q * scale - table| <= scale / 2 (up to the rounding of the division) and each
+    row's largest entry maps to +-127. A row with nothing to scale (all zeros, or so tiny that the
+    scale underflows to 0) gets scale 1 and zero codes: never inf or NaN. Returns (w_q int8 [V, K],
+    scale fp32 [V]) on the table's device. Pure torch (any device), in chunks of rows so the fp32
+    temporaries stay small; refuses a table holding inf or NaN.
+    """
+    if table.dim() != 2 or not table.is_floating_point() or table.shape[0] == 0 or table.shape[1] == 0:
+        raise ValueError(f"the head table must be a non-empty 2-D floating-point tensor, got {table.dtype} "
+                         f"{list(table.shape)}")
+    v, k = table.shape
+    w_q = torch.empty(v, k, dtype=torch.int8, device=table.device)
+    scale = torch.empty(v, dtype=torch.float32, device=table.device)
+    finite = torch.ones((), dtype=torch.bool, device=table.device)
+    for start in range(0, v, chunk_rows):
+        rows = table[start:start + chunk_rows].float()
+        finite &= torch.isfinite(rows).all()
+        s = rows.abs().amax(dim=1) / HEAD_QMAX
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        w_q[start:start + chunk_rows] = torch.round(rows / s[:, None]).clamp_(-HEAD_QMAX, HEAD_QMAX).to(torch.int8)
+        scale[start:start + chunk_rows] = s
+    if not bool(finite):
+        raise ValueError("the head table holds inf or NaN values; the checkpoint is corrupt")
+    return w_q, scale

@@ -5,7 +5,8 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
 One engine thread steps the runtime (every running request decodes in the same step) and hands
-each request's text to its handler's asyncio queue; handlers only validate, queue and format.
+each step's text to the event loop in one call, which files each request's piece in its handler's
+mailbox; handlers only validate, queue and format.
 """
 
 import asyncio
@@ -14,6 +15,7 @@ import json
 import logging
 import secrets
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -154,13 +156,37 @@ class EngineFailed(Exception):
     """The runtime raised while stepping; every request in flight is failed with it."""
 
 
+class Mailbox:
+    """What the engine has for one request, read on the event loop: text pieces, then None (done) or
+    an EngineFailed. Lighter than an asyncio.Queue: a list, and a future only while the reader waits."""
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list:
+        """Everything filed since the last take (waits for at least one item)."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        items, self.items = self.items, []
+        return items
+
+
 class Engine:
     """Owns the runtime: one thread steps it while there is work (and sleeps when there is none),
-    then hands each request's new text to that request's asyncio queue on the server's loop."""
+    then hands the step's text to the server's loop, one call per step, into each request's Mailbox."""
 
     def __init__(self, runtime: Runtime):
         self.rt = runtime
-        self._queues: dict = {}                 # Request -> asyncio.Queue of text, None (done) or EngineFailed
+        self._queues: dict = {}                 # Request -> its Mailbox
         self._lock = threading.Lock()           # adding a request and registering its queue are one act
         self._wake = threading.Event()
         self._stopping = False
@@ -177,8 +203,8 @@ class Engine:
         self._thread.join(timeout=30)
 
     def submit(self, prompt: list[int], params: SamplingParams):
-        """Queue a request (ValueError for a prompt the runtime refuses); returns it and its queue."""
-        queue: asyncio.Queue = asyncio.Queue()
+        """Queue a request (ValueError for a prompt the runtime refuses); returns it and its mailbox."""
+        queue = Mailbox()
         with self._lock:
             req = self.rt.add(prompt, params)
             self._queues[req] = queue
@@ -226,24 +252,25 @@ class Engine:
 def _put_all(batch) -> None:
     for queue, item, finished in batch:
         if item:
-            queue.put_nowait(item)
+            queue.put(item)
         if finished and not isinstance(item, EngineFailed):
-            queue.put_nowait(None)
+            queue.put(None)
 
 
 class Job:
     """One admitted request as its handler sees it: text pieces to await, and cleanup."""
 
-    def __init__(self, service: "Service", req, queue: asyncio.Queue):
+    def __init__(self, service: "Service", req, queue: Mailbox):
         self.service, self.req, self.queue = service, req, queue
         self.closed = False
 
     async def pieces(self):
         """Text as it is decoded; pieces that piled up while the client was slow come out joined."""
         while True:
-            items = [await self.queue.get()]
-            while not self.queue.empty():
-                items.append(self.queue.get_nowait())
+            items = await self.queue.take()
+            if len(items) == 1 and isinstance(items[0], str):   # the usual case: one piece
+                yield items[0]
+                continue
             text = "".join(i for i in items if isinstance(i, str))
             if text:
                 yield text
@@ -366,11 +393,14 @@ async def event_stream(job: Job, shape, head: dict, include_usage: bool):
     def chunk(fields: dict, reason: str | None = None) -> str:
         return sse({**head, "choices": [choice(fields, reason)], **extra})
 
+    # a text chunk is the same JSON every time but for the text: serialize the rest once
+    marker = "\x00text\x00"
+    before, after = chunk(shape.delta(marker)).split(json.dumps(marker))
     if shape.opening is not None:
         yield chunk(shape.opening)
     try:
         async for piece in job.pieces():
-            yield chunk(shape.delta(piece))
+            yield before + json.dumps(piece, ensure_ascii=False) + after
     except EngineFailed as e:
         yield sse(ApiError(500, str(e), type="server_error").body())
     else:
@@ -522,8 +552,9 @@ def create_app(llm: LLM, model_name: str | None = None, max_batch: int = 16, max
     @app.get("/health")
     async def health():
         rt = service.engine.rt
-        return {"status": "ok", "model": name, "running": len(rt.running), "waiting": len(rt.waiting),
-                "admitted": service.admitted, "max_batch": rt.max_batch, "max_queue": service.max_queue}
+        return {"status": "ok", "model": name, "running": len(rt.running) + len(rt.prefilling),
+                "waiting": len(rt.waiting), "admitted": service.admitted, "max_batch": rt.max_batch,
+                "max_queue": service.max_queue}
 
     return app
 
@@ -531,6 +562,18 @@ def create_app(llm: LLM, model_name: str | None = None, max_batch: int = 16, max
 # ---- running it -------------------------------------------------------------------------------
 def display_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listening_socket(config: uvicorn.Config):
+    """The server's socket, bound here (so that port 0 works and the URL is real), with TCP_NODELAY,
+    which the connections it accepts inherit on Linux: each streamed chunk leaves at once instead
+    of waiting for the client to acknowledge the previous one (Nagle's algorithm against delayed
+    ACKs held chunks of a keep-alive connection back by 40 ms)."""
+    sock = config.bind_socket()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
@@ -545,7 +588,7 @@ def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, model_name: str |
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    sock = config.bind_socket()                     # bound here so that port 0 works and the URL is real
+    sock = listening_socket(config)
     url = display_url(host, sock.getsockname()[1])
     print(f"serving {app.state.service.model_name} at {url}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
     server.run(sockets=[sock])
@@ -558,7 +601,7 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, lo
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
     server = uvicorn.Server(config)
-    sock = config.bind_socket()
+    sock = listening_socket(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -1,5 +1,6 @@
 """The GPU runtime against the CPU reference path: tokens and logits, eager and CUDA graphs,
-batched and alone, tiny models and a seeded random model with the full 2B-4T shapes.
+batched and alone (decode steps, and prompts prefilled together: right-padded, chunked), tiny
+models and a seeded random model with the full 2B-4T shapes.
 
 Skipped without a GPU; bench/gpu_check.sh runs them on the lent one.
 
@@ -95,6 +96,96 @@ def test_chunked_prefill_gives_the_same_tokens(models):
     while rt.has_work:
         rt.step()
     assert req.output == models["cpu"].generate([prompt], GREEDY64)[0].token_ids
+
+
+def length_prompts(lengths=(1, 3, 8, 9, 15, 16, 17, 30)):
+    """Prompts around a prefill chunk of 8 positions: within, at, just past, several chunks."""
+    return [[(7 * i + 13 * k) % 250 + 3 for i in range(n)] for k, n in enumerate(lengths)]
+
+
+def batched_prefill_tokens(llm, prompts, params, **kw):
+    """All prompts added at once to a runtime: prefilled together (right-padded, chunks of 8)."""
+    from engine.runtime import Runtime
+
+    rt = Runtime(llm.model, llm.tokenizer, llm.end_ids, max_batch=len(prompts), max_len=128, prefill_chunk=8,
+                 graphs=llm.graphs, **kw)
+    reqs = [rt.add(p, params) for p in prompts]
+    rt.step()
+    if "prefill_tokens" not in kw:
+        assert not rt.waiting and all(r.slot is not None for r in reqs)   # one group
+    while rt.has_work:
+        rt.step()
+    return [r.output for r in reqs]
+
+
+def first_divergence_is_a_tie(llm, prompt, expected, got, margin=0.01) -> str | None:
+    """None if the token lists agree, or if where they first part the expected run's top two logits
+    were within `margin` of the logit range (a tie that a last-bit difference may break either
+    way); otherwise what went wrong."""
+    j = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+    if j is None:
+        return None if len(expected) == len(got) else f"lengths {len(expected)} != {len(got)}"
+    logits = llm.logits(prompt + expected[:j])[-1].float().cpu()
+    top = logits.topk(2).values
+    gap = float(top[0] - top[1]) / float(logits.max() - logits.min())
+    print(f"prompt of {len(prompt)}: tokens part at step {j}, where the top two logits were {gap:.2e} "
+          "of the range apart")
+    return None if gap < margin else f"tokens part at step {j} without a tie (top-2 gap {gap:.2e} of the range)"
+
+
+def test_batched_prefill_gives_each_prompt_its_own_tokens_fp32(models):
+    """fp32: the batched prefill's tokens are the solo GPU tokens and the CPU reference's."""
+    ps = length_prompts()
+    cpu = [models["cpu"].generate([p], GREEDY64)[0].token_ids for p in ps]
+    for mode in ("graphs", "eager"):
+        assert [models[mode].generate([p], GREEDY64)[0].token_ids for p in ps] == cpu
+        assert batched_prefill_tokens(models[mode], ps, GREEDY64) == cpu
+    # a token budget that splits the prompts into several groups: the same tokens
+    assert batched_prefill_tokens(models["graphs"], ps[:4], GREEDY64, prefill_tokens=16) == cpu[:4]
+
+
+def test_batched_prefill_gives_each_prompt_its_own_tokens_bf16(models):
+    """bf16: the batched prefill's tokens are each prompt's solo tokens. The prefill's rows are
+    independent (the W2A8 GEMM is exact integer math per row, norms and quantization per row,
+    attention per row and head), but two choices depend on the batch: cuBLAS's algorithm for the
+    LM head (fp32 sums in another order: ~1e-7 of the logits) and SDPA's kernel configuration (its
+    split of the keys may depend on batch x heads). So where the tokens part, the solo run must
+    have been at a near-tie there (top two logits within 1% of the range)."""
+    ps = length_prompts()
+    for mode in ("graphs-bf16", "eager-bf16"):
+        llm = models[mode]
+        solo = [llm.generate([p], GREEDY64)[0].token_ids for p in ps]
+        together = batched_prefill_tokens(llm, ps, GREEDY64)
+        problems = [first_divergence_is_a_tie(llm, p, s, t) for p, s, t in zip(ps, solo, together)]
+        assert not any(problems), problems
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padded_prefill_forward_gives_each_row_its_solo_logits(models, dtype):
+    """model.forward on right-padded prompts with `last`: each row's logits against the same
+    prompt alone (T = its own length). Printed: the largest difference, relative to the range."""
+    llm = models["graphs" if dtype == torch.float32 else "graphs-bf16"]
+    m, dev = llm.model, llm.ops.device
+    ps = length_prompts()
+    t = max(map(len, ps))
+    ids = torch.tensor([p + [0] * (t - len(p)) for p in ps], device=dev)
+    positions = torch.arange(t, device=dev).repeat(len(ps), 1)
+    last = torch.tensor([len(p) - 1 for p in ps], device=dev)
+    cache = m.new_cache(len(ps) + 1, 64)
+    batched = m.forward(ids, positions, cache, torch.arange(len(ps), device=dev), span=t, last=last).cpu()
+    worst = worst_kv = 0.0
+    for i, p in enumerate(ps):
+        solo = m.forward(torch.tensor([p], device=dev), torch.arange(len(p), device=dev)[None], cache,
+                         torch.tensor([len(ps)], device=dev), span=len(p))[0].cpu()
+        worst = max(worst, float((batched[i] - solo).abs().max()) / float(solo.max() - solo.min()))
+        # every layer's keys and values at the prompt's own positions, as decode steps will read them
+        for kv in (cache.k, cache.v):
+            a, b = kv[:, i, :, :len(p)].float(), kv[:, len(ps), :, :len(p)].float()
+            worst_kv = max(worst_kv, float((a - b).abs().max()) / float(b.abs().max()))
+    print(f"padded batch vs solo prefill, {dtype}: max |logit diff| {worst:.2e} of the range, "
+          f"max |k/v diff| {worst_kv:.2e} of the largest |k/v|")
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert worst < tolerance and worst_kv < tolerance
 
 
 def test_sampling_on_the_gpu_is_seeded(models):
