@@ -33,20 +33,23 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kv_kernel(const T* __restri
   const int rope_items = (heads + kvh) * half;
   allow_next_kernel();
   if (item >= rope_items + kvh * d) return;
-  wait_for_previous_kernel();  // qkv is the previous kernel's output
+  // positions, slots and the tables were written before this step's kernels started (see launch.cuh):
+  // read them while the previous kernel finishes
   const int64_t pos = positions[row], slot = slots[row];
   const bool valid = pos >= 0 && pos < cache.max_len && pos < table_len && slot >= 0 && slot < cache.slots;
+  const int head = item / half, i = item % half;  // rope items: heads [0, heads) are q, then the kv heads of k
+  const bool rotate = item < rope_items && valid;
+  const float c = rotate ? cos[pos * half + i] : 0.0f, s = rotate ? sin[pos * half + i] : 0.0f;
+  wait_for_previous_kernel();  // qkv is the previous kernel's output
   const T* x = qkv + (size_t)row * (heads + 2 * kvh) * d;
   // cache entry (slot, kv head h, pos): row ((slot * kvh + h) * max_len + pos)
   auto cache_row = [&](void* base, int h) {
     return static_cast<T*>(base) + (((size_t)slot * kvh + h) * cache.max_len + pos) * d;
   };
   if (item < rope_items) {
-    const int head = item / half, i = item % half;  // heads [0, heads) are q, then the kv heads of k
     float o1 = 0.0f, o2 = 0.0f;
     if (valid) {
-      const float x1 = load_float(x + head * d, i), x2 = load_float(x + head * d, i + half);
-      const float c = cos[pos * half + i], s = sin[pos * half + i];
+      const float x1 = load_fresh(x + head * d, i), x2 = load_fresh(x + head * d, i + half);
       o1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));  // x1 * c - x2 * s
       o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));  // x2 * c + x1 * s
     }
@@ -61,18 +64,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kv_kernel(const T* __restri
     dst[i + half] = to_dtype<T>(o2);
   } else if (valid) {
     const int e = item - rope_items;  // element e of the row's v heads
-    cache_row(cache.v, e / d)[e % d] = x[(heads + kvh) * d + e];
-  }
-}
-
-// act(gate) * up in fp32, each step rounded as the reference's separate torch ops round it
-template <Activation kAct>
-__device__ __forceinline__ float gated(float gate, float up) {
-  if constexpr (kAct == Activation::kSiLU) {
-    return __fmul_rn(__fdiv_rn(gate, __fadd_rn(1.0f, expf(-gate))), up);  // x / (1 + exp(-x)), then * up
-  } else {
-    const float r = gate < 0.0f ? 0.0f : gate;  // relu (NaN stays NaN, as in torch)
-    return __fmul_rn(__fmul_rn(r, r), up);      // relu(gate).square() * up
+    cache_row(cache.v, e / d)[e % d] = __ldcg(x + (heads + kvh) * d + e);
   }
 }
 
@@ -84,25 +76,12 @@ __global__ void __launch_bounds__(kMaxThreads) act_quant_vec_kernel(const T* __r
                                                                     float* __restrict__ scale) {
   constexpr int E = 16 / sizeof(T);
   allow_next_kernel();
-  const int nvec = f / E;
-  wait_for_previous_kernel();
-  const uint4* gate = reinterpret_cast<const uint4*>(gate_up + (size_t)blockIdx.x * 2 * f);
-  const uint4* up = gate + nvec;
+  uint4 gain[kVecs];
+  load_gain_registers(weight, f, gain);  // a weight: before the wait
   float v[kVecs][E];
-#pragma unroll
-  for (int j = 0; j < kVecs; ++j) {
-    const int vi = threadIdx.x + j * blockDim.x;
-    uint4 g = make_uint4(0, 0, 0, 0), u = g;  // zeros past the row: gated(0, 0) = 0 adds nothing
-    if (vi < nvec) {
-      g = __ldg(gate + vi);
-      u = __ldg(up + vi);
-    }
-    const T* ge = reinterpret_cast<const T*>(&g);
-    const T* ue = reinterpret_cast<const T*>(&u);
-#pragma unroll
-    for (int i = 0; i < E; ++i) v[j][i] = gated<kAct>(load_float(ge, i), load_float(ue, i));
-  }
-  quantize_row_registers<true>(v, weight, f, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
+  wait_for_previous_kernel();
+  load_gated_row_registers<kAct>(gate_up + (size_t)blockIdx.x * 2 * f, f, v);
+  quantize_row_registers<true, T>(v, gain, f, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
 }
 
 // Any f: strided loops, gate and up re-read from cache in each pass.
@@ -114,7 +93,7 @@ __global__ void __launch_bounds__(256) act_quant_loop_kernel(const T* __restrict
   wait_for_previous_kernel();
   const T* gate = gate_up + (size_t)blockIdx.x * 2 * f;
   const T* up = gate + f;
-  quantize_row_strided<true>([&](int i) { return gated<kAct>(load_float(gate, i), load_float(up, i)); },
+  quantize_row_strided<true>([&](int i) { return gated<kAct>(load_fresh(gate, i), load_fresh(up, i)); },
                              [&](int i) { return load_float(weight, i); }, f, k_stride, eps,
                              x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
 }

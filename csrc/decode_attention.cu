@@ -7,6 +7,10 @@
 // parts, so short and long sequences both spread over every block, while the grid depends only on
 // the shapes: a CUDA graph replays the same launch for any lengths. Blocks past the last chunk exit.
 //
+// Before waiting for the previous kernel (RoPE, which writes this step's key and value), a block
+// reads the lengths and loads its first tile of keys and values, all but this step's own row, which
+// it loads after the wait (launch.cuh says why that is safe).
+//
 // Inside a block, LPK lanes share a key row (16-byte loads for head_dim 64 / 128, scalar loads for
 // any other even head_dim <= 256); keys come in tiles of kThreads / LPK * KPG rows whose K and V
 // loads are all issued before the first use. Scores go to shared memory, one warp per head updates
@@ -115,12 +119,12 @@ struct RowShare {
     if constexpr (kVec) {
       const uint4* src = reinterpret_cast<const uint4*>(row + lane_k * EPL);
 #pragma unroll
-      for (int r = 0; r < kRawVecs; ++r) raw[i][r] = valid ? __ldg(src + r) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < kRawVecs; ++r) raw[i][r] = valid ? __ldcg(src + r) : make_uint4(0, 0, 0, 0);
     } else {
 #pragma unroll
       for (int e = 0; e < EPL; ++e) {
         const int d = elem(lane_k, e);
-        val[i][e] = valid && d < head_dim ? load_float(row, d) : 0.0f;
+        val[i][e] = valid && d < head_dim ? load_fresh(row, d) : 0.0f;
       }
     }
   }
@@ -171,14 +175,44 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const T* __re
   const int split = blockIdx.x, b = blockIdx.z;
   const int kvh = blockIdx.y / a.passes, g0 = (blockIdx.y % a.passes) * GT;
   allow_next_kernel();
-  wait_for_previous_kernel();  // q and this step's keys come from the previous kernel
-  if (a.reset_counters && split == 0 && blockIdx.y == 0 && threadIdx.x == 0) a.ws.counters[b] = 0;
+  // The lengths and every cache entry but this step's own date from before this step's kernels
+  // (launch.cuh): read them, and load the first tile of keys and values, while the previous kernel
+  // (RoPE + the write of this step's key and value) finishes.
   const int n_keys = keys_of(a.positions, a.slots, b, a.cache_slots, a.max_len);
   const Chunks ch = chunks_of(n_keys, a.splits);
-  if (split >= ch.active) return;
+  const bool active = split < ch.active;
   const int c0 = split * ch.chunk, c1 = min(c0 + ch.chunk, n_keys);
   const int lane_k = threadIdx.x % LPK, key_group = threadIdx.x / LPK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const size_t first_row = active ? ((size_t)a.slots[b] * a.kv_heads + kvh) * a.max_len : 0;
+  const T* keys = k_cache + first_row * a.head_dim;
+  const T* values = v_cache + first_row * a.head_dim;
+  const int newest = n_keys - 1;  // this step's key and value: written by the previous kernel
+  Share kr, vr;
+  auto load_tile = [&](int t0, bool skip_newest) {
+#pragma unroll
+    for (int i = 0; i < KPG; ++i) {
+      const int j = t0 + key_group + kGroups * i;
+      kr.load(i, keys + (size_t)j * a.head_dim, lane_k, a.head_dim, j < c1 && !(skip_newest && j == newest));
+    }
+#pragma unroll
+    for (int i = 0; i < KPG; ++i) {
+      const int j = t0 + key_group + kGroups * i;
+      vr.load(i, values + (size_t)j * a.head_dim, lane_k, a.head_dim, j < c1 && !(skip_newest && j == newest));
+    }
+  };
+  if (active) load_tile(c0, true);
+  wait_for_previous_kernel();  // q and this step's key and value come from the previous kernel
+  if (a.reset_counters && split == 0 && blockIdx.y == 0 && threadIdx.x == 0) a.ws.counters[b] = 0;
+  if (!active) return;
+#pragma unroll
+  for (int i = 0; i < KPG; ++i) {
+    const int j = c0 + key_group + kGroups * i;
+    if (j == newest && j < c1) {
+      kr.load(i, keys + (size_t)j * a.head_dim, lane_k, a.head_dim, true);
+      vr.load(i, values + (size_t)j * a.head_dim, lane_k, a.head_dim, true);
+    }
+  }
   const int heads_here = min(GT, a.group - g0);
   const int head0 = kvh * a.group + g0;
 
@@ -188,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const T* __re
 #pragma unroll
     for (int e = 0; e < EPL; ++e) {
       const int d = Share::elem(lane_k, e);
-      qf[g][e] = g < heads_here && d < a.head_dim ? load_float(q + ((size_t)b * a.heads + head0 + g) * a.head_dim, d)
+      qf[g][e] = g < heads_here && d < a.head_dim ? load_fresh(q + ((size_t)b * a.heads + head0 + g) * a.head_dim, d)
                                                   : 0.0f;
     }
   float acc[GT][EPL];
@@ -201,21 +235,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const T* __re
     s_l[threadIdx.x] = 0.0f;
   }
 
-  const size_t first_row = ((size_t)a.slots[b] * a.kv_heads + kvh) * a.max_len;
-  const T* keys = k_cache + first_row * a.head_dim;
-  const T* values = v_cache + first_row * a.head_dim;
   for (int t0 = c0; t0 < c1; t0 += kTile) {
-    Share kr, vr;
-#pragma unroll
-    for (int i = 0; i < KPG; ++i) {
-      const int j = t0 + key_group + kGroups * i;
-      kr.load(i, keys + (size_t)j * a.head_dim, lane_k, a.head_dim, j < c1);
-    }
-#pragma unroll
-    for (int i = 0; i < KPG; ++i) {
-      const int j = t0 + key_group + kGroups * i;
-      vr.load(i, values + (size_t)j * a.head_dim, lane_k, a.head_dim, j < c1);
-    }
+    if (t0 != c0) load_tile(t0, false);
     // scores: partial dot products over each lane's elements, summed over the LPK lanes of a key
 #pragma unroll
     for (int i = 0; i < KPG; ++i) {
@@ -311,14 +332,6 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const T* __re
   }
 }
 
-// fp32 of element i of a buffer other blocks of this kernel wrote: read from L2, never a stale L1 line
-template <typename T>
-__device__ __forceinline__ float load_float_l2(const T* p, int i) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __bfloat162float(__ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p) + i)));
-  else return __ldcg(p + i);
-}
-
 struct CombineArgs {
   const int64_t* slots;
   const int64_t* positions;
@@ -340,24 +353,24 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(T* _
   __shared__ bool s_last;
   const int h = blockIdx.x, b = blockIdx.y;
   allow_next_kernel();
+  const Chunks ch = chunks_of(keys_of(a.positions, a.slots, b, a.cache_slots, a.max_len), a.splits);  // (launch.cuh)
   wait_for_previous_kernel();
-  const Chunks ch = chunks_of(keys_of(a.positions, a.slots, b, a.cache_slots, a.max_len), a.splits);
   const size_t part0 = ((size_t)b * a.heads + h) * a.splits;
   float m = -INFINITY;
-  for (int s = threadIdx.x; s < ch.active; s += blockDim.x) m = fmaxf(m, a.ws.m[part0 + s]);
+  for (int s = threadIdx.x; s < ch.active; s += blockDim.x) m = fmaxf(m, __ldcg(a.ws.m + part0 + s));
   m = block_reduce(m, [](float x, float y) { return fmaxf(x, y); }, scratch, -INFINITY);
   float l = 0.0f;
   for (int s = threadIdx.x; s < ch.active; s += blockDim.x) {
-    const float w = exp2f(a.ws.m[part0 + s] - m);
+    const float w = exp2f(__ldcg(a.ws.m + part0 + s) - m);
     s_w[s] = w;
-    l += a.ws.l[part0 + s] * w;
+    l += __ldcg(a.ws.l + part0 + s) * w;
   }
   l = block_reduce(l, [](float x, float y) { return x + y; }, scratch);  // also publishes s_w
   T* row = out + (size_t)b * a.heads * a.head_dim;
   for (int d = threadIdx.x; d < a.head_dim; d += blockDim.x) {
     float o = 0.0f;
 #pragma unroll 8
-    for (int s = 0; s < ch.active; ++s) o = fmaf(a.ws.o[(part0 + s) * a.head_dim + d], s_w[s], o);
+    for (int s = 0; s < ch.active; ++s) o = fmaf(__ldcg(a.ws.o + (part0 + s) * a.head_dim + d), s_w[s], o);
     row[h * a.head_dim + d] = to_dtype<T>(ch.active > 0 ? __fdiv_rn(o, l) : 0.0f);
   }
   if constexpr (kNorm) {
@@ -376,7 +389,7 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(T* _
     float* s_weight = s_row + n;
 #pragma unroll 8
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      s_row[i] = load_float_l2(row, i);
+      s_row[i] = load_fresh(row, i);  // other blocks of this kernel wrote it
       s_weight[i] = load_float(weight, i);
     }
     __syncthreads();

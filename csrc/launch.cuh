@@ -1,6 +1,17 @@
 // Programmatic dependent launch (Hopper): a kernel may start while the previous one in the stream
-// finishes, doing work that does not depend on it (loading weights) before griddepcontrol.wait.
-// On older GPUs the wait and trigger compile to nothing and launches are ordinary.
+// finishes, doing work that does not depend on it before griddepcontrol.wait. On older GPUs the wait
+// and trigger compile to nothing and launches are ordinary.
+//
+// What a kernel may read before the wait: every kernel here lets the next one start at once, so
+// before its own wait a kernel may run beside any of the engine's kernels launched before it that
+// have not finished. It may read only what none of them writes: weights and tables, and what was
+// written before the chain began, because torch's kernels and copies never let the next launch start
+// early. A decode step's positions, slots and its sequences' earlier cache entries are such data
+// (written by copies, or by earlier steps); this step's own key and value are not.
+// After the wait, what earlier kernels wrote is read through L2 (quant_math.cuh load_fresh, __ldcg),
+// never through L1 or the read-only cache: the allocator gives one address to many buffers in turn,
+// and a line an earlier kernel loaded on this SM can still be there, stale. (Measured: with those
+// loads cached, replayed decode graphs gave other logits than eager steps once timings shifted.)
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,5 +1,6 @@
-// The exact fp32 numerics of RMSNorm + int8 activation quantization, shared by every kernel that
-// produces GEMM inputs (quantize.cu, decode.cu, decode_attention.cu) so that all of them agree bit
+// The exact fp32 numerics of RMSNorm + int8 activation quantization (and of the MLP activation in
+// front of the FFN sub-norm), shared by every kernel that produces GEMM inputs (quantize.cu,
+// decode.cu, decode_attention.cu) so that all of them agree bit
 // for bit with engine/quant.py: IEEE-rounded intrinsics in the reference's order (no FMA
 // contraction), the RMS sum of squares in fp64 (exact squares, so the parallel order cannot change
 // the fp32 mean), rint (half to even).
@@ -10,12 +11,23 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels.h"
+
 namespace bitnet {
 
 template <typename T>
 __device__ __forceinline__ float load_float(const T* p, int i) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(p[i]);
   else return p[i];
+}
+
+// Element i of what an earlier kernel wrote, through L2 (ld.global.cg). Kernels start before the
+// previous one ends (launch.cuh), and the allocator hands the same memory to many buffers in turn:
+// an L1 or read-only-cache line of an address, loaded by an earlier kernel on this SM, may be stale.
+template <typename T>
+__device__ __forceinline__ float load_fresh(const T* p, int i) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(__ldcg(p + i));
+  else return __ldcg(p + i);
 }
 
 // fp32 -> the activation dtype, round to nearest even (what torch's .to(dtype) does)
@@ -60,12 +72,76 @@ __device__ __forceinline__ float inv_rms_from(double sum_sq, int k, float eps) {
   return __frcp_rn(__fsqrt_rn(__fadd_rn(mean_sq, eps)));
 }
 
+// A row of k elements of T (16-byte aligned, k a multiple of E) into the block's registers in the
+// layout quantize_row_registers takes; zeros past the row. Every load is issued before any use.
+template <int kVecs, int E, typename T>
+__device__ __forceinline__ void load_row_registers(const T* __restrict__ row, int k, float (&v)[kVecs][E]) {
+  static_assert(E * sizeof(T) == 16, "one 16-byte vector of T per E elements");
+  const uint4* src = reinterpret_cast<const uint4*>(row);
+  const int nvec = k / E;
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int vi = threadIdx.x + j * blockDim.x;
+    const uint4 raw = vi < nvec ? __ldcg(src + vi) : make_uint4(0, 0, 0, 0);  // (load_fresh)
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[j][i] = load_float(e, i);
+  }
+}
+
+// act(gate) * up in fp32, each step rounded as the reference's separate torch ops round it
+template <Activation kAct>
+__device__ __forceinline__ float gated(float gate, float up) {
+  if constexpr (kAct == Activation::kSiLU) {
+    return __fmul_rn(__fdiv_rn(gate, __fadd_rn(1.0f, expf(-gate))), up);  // x / (1 + exp(-x)), then * up
+  } else {
+    const float r = gate < 0.0f ? 0.0f : gate;  // relu (NaN stays NaN, as in torch)
+    return __fmul_rn(__fmul_rn(r, r), up);      // relu(gate).square() * up
+  }
+}
+
+// act(gate) * up of one gate|up row (gate: f elements, up: the f after them) into registers, as
+// load_row_registers lays a row out. gated(0, 0) = 0 past the row: it adds nothing to the norm.
+template <Activation kAct, int kVecs, int E, typename T>
+__device__ __forceinline__ void load_gated_row_registers(const T* __restrict__ gate_up, int f, float (&v)[kVecs][E]) {
+  static_assert(E * sizeof(T) == 16, "one 16-byte vector of T per E elements");
+  const uint4* gate = reinterpret_cast<const uint4*>(gate_up);
+  const int nvec = f / E;
+  const uint4* up = gate + nvec;
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int vi = threadIdx.x + j * blockDim.x;
+    uint4 g = make_uint4(0, 0, 0, 0), u = g;
+    if (vi < nvec) {
+      g = __ldcg(gate + vi);  // (load_fresh)
+      u = __ldcg(up + vi);
+    }
+    const T* ge = reinterpret_cast<const T*>(&g);
+    const T* ue = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[j][i] = gated<kAct>(load_float(ge, i), load_float(ue, i));
+  }
+}
+
+// The RMSNorm gain (k elements of T, 16-byte aligned) as raw vectors in load_row_registers' layout.
+// Weights never change during a forward, so kernels load it before waiting for the previous kernel.
+template <int kVecs, typename T>
+__device__ __forceinline__ void load_gain_registers(const T* __restrict__ weight, int k, uint4 (&gain)[kVecs]) {
+  constexpr int E = 16 / sizeof(T);
+  const uint4* w = reinterpret_cast<const uint4*>(weight);
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const int vi = threadIdx.x + j * blockDim.x;
+    gain[j] = vi < k / E ? __ldg(w + vi) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // Quantize one row held in registers by the whole block: vector vi = threadIdx.x + j * blockDim.x
 // holds elements vi * E .. vi * E + E - 1 in v[j]; k is a multiple of E. With kNorm the row is first
-// multiplied by 1 / rms and the gain `weight` (T, 16-byte aligned). Writes k_stride bytes (zeros
-// past k: the GEMM's padding) and, from thread 0, the row's scale.
-template <bool kNorm, int kVecs, int E, typename T>
-__device__ __forceinline__ void quantize_row_registers(float (&v)[kVecs][E], const T* __restrict__ weight, int k,
+// multiplied by 1 / rms and the gain (load_gain_registers, of T). Writes k_stride bytes (zeros past
+// k: the GEMM's padding) and, from thread 0, the row's scale.
+template <bool kNorm, typename T, int kVecs, int E>
+__device__ __forceinline__ void quantize_row_registers(float (&v)[kVecs][E], const uint4 (&gain)[kVecs], int k,
                                                        int k_stride, float eps, int8_t* __restrict__ out,
                                                        float* __restrict__ scale) {
   static_assert(E * sizeof(T) == 16, "one 16-byte vector of T per E elements");
@@ -79,13 +155,9 @@ __device__ __forceinline__ void quantize_row_registers(float (&v)[kVecs][E], con
 #pragma unroll
       for (int i = 0; i < E; ++i) sum_sq += (double)v[j][i] * (double)v[j][i];
     const float inv_rms = inv_rms_from(block_reduce(sum_sq, add, dscratch), k, eps);
-    const uint4* wrow = reinterpret_cast<const uint4*>(weight);
 #pragma unroll
     for (int j = 0; j < kVecs; ++j) {
-      const int vi = threadIdx.x + j * blockDim.x;
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      if (vi < nvec) raw = __ldg(wrow + vi);
-      const T* e = reinterpret_cast<const T*>(&raw);
+      const T* e = reinterpret_cast<const T*>(&gain[j]);
 #pragma unroll
       for (int i = 0; i < E; ++i) v[j][i] = __fmul_rn(__fmul_rn(v[j][i], inv_rms), load_float(e, i));
     }

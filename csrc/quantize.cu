@@ -30,20 +30,12 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_vec_kernel(const T* __re
                                                             int8_t* __restrict__ x_q, float* __restrict__ scale) {
   constexpr int E = 16 / sizeof(T);
   allow_next_kernel();
+  uint4 gain[kVecs] = {};
+  if constexpr (kNorm) load_gain_registers(weight, k, gain);  // a weight: before the wait
   float v[kVecs][E];
-  const int nvec = k / E;
   wait_for_previous_kernel();
-  const uint4* row = reinterpret_cast<const uint4*>(x + (size_t)blockIdx.x * k);
-#pragma unroll
-  for (int j = 0; j < kVecs; ++j) {
-    const int vi = threadIdx.x + j * blockDim.x;
-    uint4 raw = make_uint4(0, 0, 0, 0);
-    if (vi < nvec) raw = __ldg(row + vi);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < E; ++i) v[j][i] = load_float(e, i);
-  }
-  quantize_row_registers<kNorm>(v, weight, k, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
+  load_row_registers(x + (size_t)blockIdx.x * k, k, v);
+  quantize_row_registers<kNorm, T>(v, gain, k, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
 }
 
 // Fallback for any k: strided loops, the row re-read from cache in each pass.
@@ -54,7 +46,7 @@ __global__ void __launch_bounds__(256) quantize_loop_kernel(const T* __restrict_
   allow_next_kernel();
   wait_for_previous_kernel();
   const T* row = x + (size_t)blockIdx.x * k;
-  quantize_row_strided<kNorm>([&](int i) { return load_float(row, i); }, [&](int i) { return load_float(weight, i); },
+  quantize_row_strided<kNorm>([&](int i) { return load_fresh(row, i); }, [&](int i) { return load_float(weight, i); },
                               k, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
 }
 

@@ -127,8 +127,11 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
         uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
         if (c < nchunks && tok < m) {
           const uint4* p = reinterpret_cast<const uint4*>(x_q + (size_t)tok * k_stride + c * kChunkK + 32 * q);
-          lo = __ldg(p);
-          hi = __ldg(p + 1);
+          // the previous kernel's output: a coherent load (ld.global.ca), not the read-only path,
+          // which may hold lines from before that kernel wrote (launch.cuh); L1 keeps the row for
+          // the block's other warps
+          lo = __ldca(p);
+          hi = __ldca(p + 1);
         }
         xv[u][t][0] = lo.x, xv[u][t][1] = lo.y, xv[u][t][2] = lo.z, xv[u][t][3] = lo.w;
         xv[u][t][4] = hi.x, xv[u][t][5] = hi.y, xv[u][t][6] = hi.z, xv[u][t][7] = hi.w;
@@ -192,8 +195,8 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
     } else {
       const float scale = segment_scale(seg, row);
       // exactly the reference epilogue: (acc * w_scale) / x_scale (+ residual), IEEE-rounded fp32
-      float y = __fdiv_rn(__fmul_rn(static_cast<float>(dot), scale), x_scale[tok]);
-      if (residual != nullptr) y = __fadd_rn(y, to_float(residual[o]));
+      float y = __fdiv_rn(__fmul_rn(static_cast<float>(dot), scale), __ldcg(x_scale + tok));
+      if (residual != nullptr) y = __fadd_rn(y, to_float(__ldcg(residual + o)));
       out[o] = from_float<Out>(y);
     }
   }

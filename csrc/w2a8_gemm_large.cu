@@ -286,7 +286,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
       for (int t = 0; t < 2; ++t) {
         const int tok = tok_lane + 8 * j + t;
         tok_inside[t] = tok < m;
-        xs[t] = x_scale[tok_inside[t] ? tok : m - 1];  // lanes past m compute (and never store) a real row
+        // through L2 (launch.cuh); lanes past m compute (and never store) a real row
+        xs[t] = __ldcg(x_scale + (tok_inside[t] ? tok : m - 1));
         rcp[t] = division_reciprocal(xs[t]);
         smallest = fminf(smallest, xs[t]);
         largest = fmaxf(largest, xs[t]);
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
         for (int r = 0; r < RT; ++r)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            res[t][r][e] = residual != nullptr && tok_inside[t] && row_inside[r][e] ? to_float(res_row[16 * r + 8 * e]) : 0.0f;
+            res[t][r][e] = residual != nullptr && tok_inside[t] && row_inside[r][e] ? to_float(__ldcg(res_row + 16 * r + 8 * e)) : 0.0f;
             // the reference: (acc * w_scale) / x_scale (+ residual), each step IEEE-rounded fp32
             y[t][r][e] = __fmul_rn(static_cast<float>(acc[r][j][2 * e + t] - token_sum[j][t]), row_scale[r][e]);
             smallest = fminf(smallest, fabsf(y[t][r][e]));
