@@ -83,6 +83,25 @@ std::vector<Tensor> quantize(const Tensor& x, const std::optional<Tensor>& weigh
   return {q.narrow(1, 0, k), s};
 }
 
+// rmsnorm(x [m, k]) * weight [k], rounded to x's dtype
+Tensor rmsnorm(const Tensor& x, const Tensor& weight, double eps) {
+  check_2d_cuda(x, "x");
+  const auto dtype = float_dtype(x, "x");
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(0) < (1LL << 31) && x.size(1) < (1 << 30),
+              "x must be a non-empty [m, k] tensor");
+  TORCH_CHECK(weight.device() == x.device() && weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type(),
+              "the norm weight must be a vector of ", x.size(1), " elements of x's dtype on x's device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous(), wc = weight.contiguous();
+  Tensor out = torch::empty_like(xc);
+  check_cuda(bitnet::rmsnorm_rows(xc.data_ptr(), wc.data_ptr(), dtype, static_cast<int>(x.size(0)),
+                                  static_cast<int>(x.size(1)), static_cast<float>(eps), out.data_ptr(),
+                                  c10::cuda::getCurrentCUDAStream()),
+             "rmsnorm");
+  return out;
+}
+
 bitnet::Segments segments_of(const std::vector<int64_t>& ends, const std::vector<double>& scales, int64_t n) {
   const int count = static_cast<int>(ends.size());
   TORCH_CHECK(count >= 1 && count <= bitnet::kMaxSegments && scales.size() == ends.size(),
@@ -332,6 +351,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &quantize, "per-row int8 quantization, optionally of rmsnorm(x) * weight", py::arg("x"),
         py::arg("weight") = py::none(), py::arg("eps") = 1e-5, py::arg("out_q") = py::none(),
         py::arg("out_scale") = py::none());
+  m.def("rmsnorm", &rmsnorm, "RMSNorm rounded to x's dtype", py::arg("x"), py::arg("weight"), py::arg("eps") = 1e-5);
   m.def("gemm", &gemm, "W2A8 GEMM with the dequantizing epilogue", py::arg("x_q"), py::arg("x_scale"), py::arg("tiled"),
         py::arg("n"), py::arg("k"), py::arg("segment_ends"), py::arg("segment_scales"), py::arg("residual") = py::none(),
         py::arg("out_dtype") = torch::kBFloat16, py::arg("out") = py::none(), py::arg("row_tiles_per_block") = 0,

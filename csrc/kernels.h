@@ -60,6 +60,11 @@ cudaError_t quantize_rows(const void* x, DType x_dtype, int m, int k, int k_stri
 cudaError_t rmsnorm_quantize_rows(const void* x, const void* weight, DType x_dtype, int m, int k, int k_stride,
                                   float eps, int8_t* x_q, float* scale, cudaStream_t stream);
 
+// rmsnorm(x) * weight rounded once to x's dtype (x, weight, out: [m, k] / [k] / [m, k] of dtype), the
+// same numbers as rmsnorm_quantize_rows before its quantization: the final norm before the LM head.
+cudaError_t rmsnorm_rows(const void* x, const void* weight, DType dtype, int m, int k, float eps, void* out,
+                         cudaStream_t stream);
+
 // ---- the decode step: RoPE + KV write, attention, MLP activation (decode.cu, decode_attention.cu) ----
 
 // One layer's KV cache: k and v [slots, kv_heads, max_len, head_dim] each, contiguous, the activation dtype.

@@ -136,6 +136,27 @@ __device__ __forceinline__ void load_gain_registers(const T* __restrict__ weight
   }
 }
 
+// rmsnorm(row) * gain for a row held in registers as load_row_registers lays it out: the mean of
+// squares summed in fp64, 1 / sqrt(mean + eps) IEEE-rounded in fp32, then two rounded products.
+template <typename T, int kVecs, int E>
+__device__ __forceinline__ void normalize_row_registers(float (&v)[kVecs][E], const uint4 (&gain)[kVecs], int k,
+                                                        float eps) {
+  static_assert(E * sizeof(T) == 16, "one 16-byte vector of T per E elements");
+  __shared__ double dscratch[32];
+  double sum_sq = 0.0;
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j)
+#pragma unroll
+    for (int i = 0; i < E; ++i) sum_sq += (double)v[j][i] * (double)v[j][i];
+  const float inv_rms = inv_rms_from(block_reduce(sum_sq, add, dscratch), k, eps);
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
+    const T* e = reinterpret_cast<const T*>(&gain[j]);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[j][i] = __fmul_rn(__fmul_rn(v[j][i], inv_rms), load_float(e, i));
+  }
+}
+
 // Quantize one row held in registers by the whole block: vector vi = threadIdx.x + j * blockDim.x
 // holds elements vi * E .. vi * E + E - 1 in v[j]; k is a multiple of E. With kNorm the row is first
 // multiplied by 1 / rms and the gain (load_gain_registers, of T). Writes k_stride bytes (zeros past
@@ -145,23 +166,9 @@ __device__ __forceinline__ void quantize_row_registers(float (&v)[kVecs][E], con
                                                        int k_stride, float eps, int8_t* __restrict__ out,
                                                        float* __restrict__ scale) {
   static_assert(E * sizeof(T) == 16, "one 16-byte vector of T per E elements");
-  __shared__ double dscratch[32];
   __shared__ float fscratch[32];
   const int nvec = k / E;
-  if constexpr (kNorm) {
-    double sum_sq = 0.0;
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j)
-#pragma unroll
-      for (int i = 0; i < E; ++i) sum_sq += (double)v[j][i] * (double)v[j][i];
-    const float inv_rms = inv_rms_from(block_reduce(sum_sq, add, dscratch), k, eps);
-#pragma unroll
-    for (int j = 0; j < kVecs; ++j) {
-      const T* e = reinterpret_cast<const T*>(&gain[j]);
-#pragma unroll
-      for (int i = 0; i < E; ++i) v[j][i] = __fmul_rn(__fmul_rn(v[j][i], inv_rms), load_float(e, i));
-    }
-  }
+  if constexpr (kNorm) normalize_row_registers<T>(v, gain, k, eps);
   float amax = 0.0f;
 #pragma unroll
   for (int j = 0; j < kVecs; ++j)

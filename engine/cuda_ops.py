@@ -1,13 +1,14 @@
 """The model's ops on the GPU: the CUDA kernels where they exist, the reference ops elsewhere.
 
 Same numbers as TorchOps (engine/ops.py), bit for bit where a kernel replaces a reference op:
-activation quantization (plain and fused with RMSNorm), the W2A8 BitLinear, RoPE + KV-cache write,
-the MLP activation + sub-norm + quantization, and the attention sub-norm + quantization of the
-attention output. Attention differs from the reference only in floating-point summation order:
-decode steps (flash-decoding kernel, no host sync, so a step replays in a CUDA graph) and prompts
-(fused SDPA, instead of materialized [T, T] scores); so does the LM head (a bf16 GEMM accumulating
-and returning fp32, to keep memory at one copy of the embedding; or, with an Int8Head, the int8 head
-kernel of csrc/lm_head.cu: fp32 products and sums of the same int8 values as the reference).
+activation quantization (plain and fused with RMSNorm), the final RMSNorm, the W2A8 BitLinear,
+RoPE + KV-cache write, the MLP activation + sub-norm + quantization, and the attention sub-norm +
+quantization of the attention output. Attention differs from the reference only in floating-point
+summation order: decode steps (flash-decoding kernel, no host sync, so a step replays in a CUDA
+graph) and prompts (fused SDPA, instead of materialized [T, T] scores); so does the LM head (a bf16
+GEMM accumulating and returning fp32, to keep memory at one copy of the embedding; or, with an
+Int8Head, the int8 head kernel of csrc/lm_head.cu: fp32 products and sums of the same int8 values
+as the reference).
 """
 
 import itertools
@@ -43,6 +44,11 @@ class CudaOps(TorchOps):
     def quantize(self, x):
         x_q, scale = kernels.quantize(x.reshape(-1, x.shape[-1]))
         return x_q.view(*x.shape), scale.view(*x.shape[:-1], 1)
+
+    def rmsnorm(self, x, weight, eps):
+        if x.dtype != self.dtype or x.numel() == 0:
+            return super().rmsnorm(x, weight, eps)
+        return kernels.rmsnorm(x.reshape(-1, x.shape[-1]), weight.to(x.dtype), eps).view(x.shape)
 
     def rmsnorm_quant(self, x, weight, eps):
         # x may be fp32 (the MLP's activation product): quantized as is, like the reference

@@ -75,6 +75,11 @@ def quantize(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     return tuple(load().quantize(x, weight, eps, out_q, out_scale))
 
 
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """rmsnorm(x [m, k]) * weight [k], rounded once to x's dtype: engine.quant.rmsnorm(x, weight).to(x.dtype)."""
+    return load().rmsnorm(x, weight, eps)
+
+
 def as_gemm_input(x_q: torch.Tensor) -> torch.Tensor:
     """int8 [m, k] in the GEMM's row layout (rows padded with zeros to a multiple of 128 bytes)."""
     m, k = x_q.shape

@@ -233,6 +233,18 @@ def test_rmsnorm_quantize_matches_reference(k, dtype, kk):
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.view(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kk", [64, 2560, 6913, 20000])  # 6913 and 20000: the strided fallback
+def test_rmsnorm_matches_reference(k, dtype, kk):
+    gen = torch.Generator().manual_seed(kk + 2)
+    x = rows_for_quant(16, kk, gen, dtype)
+    w = (0.5 + torch.rand(kk, generator=gen)).to(dtype)
+    ref = rmsnorm(x, w, 1e-5).to(dtype)
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # freed NaN bytes: the output's memory
+    y = k.rmsnorm(x.cuda(), w.cuda(), 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and torch.equal(y.cpu(), ref)
+
+
 def test_repack_rejects_code_three(k):
     codes = pack_ternary(torch.zeros(16, 12, dtype=torch.int8))
     codes[3, 1] = 0xFF
