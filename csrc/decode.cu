@@ -18,8 +18,6 @@ namespace bitnet {
 namespace {
 
 constexpr int kRopeThreads = 256;
-constexpr int kVecs = 4;          // act kernel: 16-byte vectors per thread in the register path
-constexpr int kMaxThreads = 512;  // so rows up to 4 * 512 vectors (16384 bf16) stay in registers
 
 // Grid (rows, ceil(items / threads)): one item is a rotated pair (i, i + D/2) of a q or k head,
 // or one element of v. Consecutive threads take consecutive i: coalesced reads and writes.
@@ -68,17 +66,17 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kv_kernel(const T* __restri
   }
 }
 
-// Register path: the row's f products held in kVecs 16-byte vectors per thread (f a multiple of E).
+// Register path: the row's f products held in kRowVecs 16-byte vectors per thread (f a multiple of E).
 template <typename T, Activation kAct>
-__global__ void __launch_bounds__(kMaxThreads) act_quant_vec_kernel(const T* __restrict__ gate_up,
+__global__ void __launch_bounds__(kRowMaxThreads) act_quant_vec_kernel(const T* __restrict__ gate_up,
                                                                     const T* __restrict__ weight, int f, int k_stride,
                                                                     float eps, int8_t* __restrict__ x_q,
                                                                     float* __restrict__ scale) {
   constexpr int E = 16 / sizeof(T);
   allow_next_kernel();
-  uint4 gain[kVecs];
+  uint4 gain[kRowVecs];
   load_gain_registers(weight, f, gain);  // a weight: before the wait
-  float v[kVecs][E];
+  float v[kRowVecs][E];
   wait_for_previous_kernel();
   load_gated_row_registers<kAct>(gate_up + (size_t)blockIdx.x * 2 * f, f, v);
   quantize_row_registers<true, T>(v, gain, f, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
@@ -113,15 +111,9 @@ cudaError_t launch_act(const void* gate_up, const void* weight, int m, int f, in
                        float* scale, cudaStream_t stream) {
   const T* x = static_cast<const T*>(gate_up);
   const T* w = static_cast<const T*>(weight);
-  constexpr int E = 16 / sizeof(T);
-  const int nvec = f / E;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
-  if (f % E == 0 && nvec <= kVecs * kMaxThreads && aligned) {
-    int threads = 32;  // the fewest warps that hold the row in kVecs vectors each
-    while (threads * kVecs < nvec) threads *= 2;
+  if (const int threads = register_row_threads<T>(f, x, w))
     return launch_pdl(act_quant_vec_kernel<T, kAct>, dim3(m), dim3(threads), 0, stream, x, w, f, k_stride, eps, x_q,
                       scale);
-  }
   return launch_pdl(act_quant_loop_kernel<T, kAct>, dim3(m), dim3(256), 0, stream, x, w, f, k_stride, eps, x_q, scale);
 }
 

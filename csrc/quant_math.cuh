@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "kernels.h"
@@ -70,6 +71,26 @@ __device__ __forceinline__ int8_t quant_value(float v, float s) {
 __device__ __forceinline__ float inv_rms_from(double sum_sq, int k, float eps) {
   const float mean_sq = __double2float_rn(__ddiv_rn(sum_sq, (double)k));
   return __frcp_rn(__fsqrt_rn(__fadd_rn(mean_sq, eps)));
+}
+
+// The register path of the row kernels (quantize.cu, decode.cu): one row per block, kRowVecs 16-byte
+// vectors per thread, so rows of up to kRowVecs * kRowMaxThreads vectors (16384 bf16) stay in registers.
+constexpr int kRowVecs = 4;
+constexpr int kRowMaxThreads = 512;
+
+// Threads for a row of k elements of T on the register path (the fewest warps that hold it), or 0
+// when the row does not fit it: k not a whole number of vectors, too long, or a pointer not 16-byte
+// aligned (nullptr counts as aligned). The caller then takes its strided-loop kernel.
+template <typename T>
+inline int register_row_threads(int k, const void* a, const void* b = nullptr, const void* c = nullptr) {
+  constexpr int E = 16 / sizeof(T);
+  const int nvec = k / E;
+  for (const void* p : {a, b, c})
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 0;
+  if (k % E != 0 || nvec > kRowVecs * kRowMaxThreads) return 0;
+  int threads = 32;
+  while (threads * kRowVecs < nvec) threads *= 2;
+  return threads;
 }
 
 // A row of k elements of T (16-byte aligned, k a multiple of E) into the block's registers in the

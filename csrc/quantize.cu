@@ -5,7 +5,7 @@
 // the reference's order, the RMS sum of squares is accumulated in fp64 (exact squares, so the
 // parallel order cannot change the fp32 mean), and rounding is rint (half to even).
 //
-// The row is read once, 16 bytes per load, all loads issued up front into registers (kVecs
+// The row is read once, 16 bytes per load, all loads issued up front into registers (kRowVecs
 // vectors per thread), then reduced and quantized from registers: a row costs one memory latency,
 // not one per element. Rows too long for that, or whose length is not a multiple of a vector,
 // take a plain strided loop.
@@ -21,19 +21,17 @@
 namespace bitnet {
 namespace {
 
-constexpr int kVecs = 4;          // 16-byte vectors per thread in the register path
-constexpr int kMaxThreads = 512;  // so rows up to 4 * 512 vectors (16384 bf16) stay in registers
 
 // Register path: T is bf16 (8 per vector) or fp32 (4 per vector); k is a multiple of the vector.
 template <typename T, bool kNorm>
-__global__ void __launch_bounds__(kMaxThreads) quantize_vec_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+__global__ void __launch_bounds__(kRowMaxThreads) quantize_vec_kernel(const T* __restrict__ x, const T* __restrict__ weight,
                                                             int k, int k_stride, float eps,
                                                             int8_t* __restrict__ x_q, float* __restrict__ scale) {
   constexpr int E = 16 / sizeof(T);
   allow_next_kernel();
-  uint4 gain[kVecs] = {};
+  uint4 gain[kRowVecs] = {};
   if constexpr (kNorm) load_gain_registers(weight, k, gain);  // a weight: before the wait
-  float v[kVecs][E];
+  float v[kRowVecs][E];
   wait_for_previous_kernel();
   load_row_registers(x + (size_t)blockIdx.x * k, k, v);
   quantize_row_registers<kNorm, T>(v, gain, k, k_stride, eps, x_q + (size_t)blockIdx.x * k_stride, scale + blockIdx.x);
@@ -53,19 +51,19 @@ __global__ void __launch_bounds__(256) quantize_loop_kernel(const T* __restrict_
 
 // RMSNorm alone (the final norm before the LM head): rows of T -> rows of T, register path.
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) rmsnorm_vec_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+__global__ void __launch_bounds__(kRowMaxThreads) rmsnorm_vec_kernel(const T* __restrict__ x, const T* __restrict__ weight,
                                                                   int k, float eps, T* __restrict__ out) {
   constexpr int E = 16 / sizeof(T);
   allow_next_kernel();
-  uint4 gain[kVecs];
+  uint4 gain[kRowVecs];
   load_gain_registers(weight, k, gain);  // a weight: before the wait
-  float v[kVecs][E];
+  float v[kRowVecs][E];
   wait_for_previous_kernel();
   load_row_registers(x + (size_t)blockIdx.x * k, k, v);
   normalize_row_registers<T>(v, gain, k, eps);
   T* row = out + (size_t)blockIdx.x * k;
 #pragma unroll
-  for (int j = 0; j < kVecs; ++j) {
+  for (int j = 0; j < kRowVecs; ++j) {
     const int vi = threadIdx.x + j * blockDim.x;
     if (vi < k / E) {
 #pragma unroll
@@ -97,15 +95,8 @@ cudaError_t launch_rmsnorm(const void* x, const void* weight, int m, int k, floa
   const T* xt = static_cast<const T*>(x);
   const T* wt = static_cast<const T*>(weight);
   T* o = static_cast<T*>(out);
-  constexpr int E = 16 / sizeof(T);
-  const int nvec = k / E;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  if (k % E == 0 && nvec <= kVecs * kMaxThreads && aligned) {
-    int threads = 32;
-    while (threads * kVecs < nvec) threads *= 2;
+  if (const int threads = register_row_threads<T>(k, x, weight, out))
     return launch_pdl(rmsnorm_vec_kernel<T>, dim3(m), dim3(threads), 0, stream, xt, wt, k, eps, o);
-  }
   return launch_pdl(rmsnorm_loop_kernel<T>, dim3(m), dim3(256), 0, stream, xt, wt, k, eps, o);
 }
 
@@ -114,15 +105,9 @@ cudaError_t launch_typed(const void* x, const void* weight, int m, int k, int k_
                          float* scale, cudaStream_t stream) {
   const T* xt = static_cast<const T*>(x);
   const T* wt = static_cast<const T*>(weight);
-  constexpr int E = 16 / sizeof(T);
-  const int nvec = k / E;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (!kNorm || reinterpret_cast<uintptr_t>(weight) % 16 == 0);
-  if (k % E == 0 && nvec <= kVecs * kMaxThreads && aligned) {
-    int threads = 32;  // the fewest warps that hold the row in kVecs vectors each
-    while (threads * kVecs < nvec) threads *= 2;
+  if (const int threads = register_row_threads<T>(k, x, kNorm ? weight : nullptr))
     return launch_pdl(quantize_vec_kernel<T, kNorm>, dim3(m), dim3(threads), 0, stream, xt, wt, k, k_stride, eps, x_q,
                       scale);
-  }
   return launch_pdl(quantize_loop_kernel<T, kNorm>, dim3(m), dim3(256), 0, stream, xt, wt, k, k_stride, eps, x_q,
                     scale);
 }
