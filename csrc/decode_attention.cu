@@ -355,22 +355,37 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(T* _
   allow_next_kernel();
   const Chunks ch = chunks_of(keys_of(a.positions, a.slots, b, a.cache_slots, a.max_len), a.splits);  // (launch.cuh)
   wait_for_previous_kernel();
+  // Every load of the partials the first output element needs is issued here, at once: thread s
+  // takes split s's max and sum (kCombineThreads >= kMaxAttentionSplits), thread d the partial
+  // outputs of element d for the first kEarlySplits splits. Then the reductions and the weighted
+  // sum run on registers, not on two more dependent round trips to L2.
+  static_assert(kCombineThreads >= kMaxAttentionSplits, "one split per thread");
+  constexpr int kEarlySplits = 8;
   const size_t part0 = ((size_t)b * a.heads + h) * a.splits;
-  float m = -INFINITY;
-  for (int s = threadIdx.x; s < ch.active; s += blockDim.x) m = fmaxf(m, __ldcg(a.ws.m + part0 + s));
-  m = block_reduce(m, [](float x, float y) { return fmaxf(x, y); }, scratch, -INFINITY);
-  float l = 0.0f;
-  for (int s = threadIdx.x; s < ch.active; s += blockDim.x) {
-    const float w = exp2f(__ldcg(a.ws.m + part0 + s) - m);
-    s_w[s] = w;
-    l += __ldcg(a.ws.l + part0 + s) * w;
-  }
-  l = block_reduce(l, [](float x, float y) { return x + y; }, scratch);  // also publishes s_w
+  const int s_own = threadIdx.x, d0 = threadIdx.x;
+  const bool own = s_own < ch.active;
+  const float m_own = own ? __ldcg(a.ws.m + part0 + s_own) : -INFINITY;
+  const float l_own = own ? __ldcg(a.ws.l + part0 + s_own) : 0.0f;
+  float o_early[kEarlySplits];
+#pragma unroll
+  for (int s = 0; s < kEarlySplits; ++s)
+    o_early[s] = s < ch.active && d0 < a.head_dim ? __ldcg(a.ws.o + (part0 + s) * a.head_dim + d0) : 0.0f;
+  const float m = block_reduce(m_own, [](float x, float y) { return fmaxf(x, y); }, scratch, -INFINITY);
+  const float w_own = own ? exp2f(m_own - m) : 0.0f;
+  if (own) s_w[s_own] = w_own;
+  const float l = block_reduce(own ? l_own * w_own : 0.0f, [](float x, float y) { return x + y; }, scratch);  // also publishes s_w
   T* row = out + (size_t)b * a.heads * a.head_dim;
-  for (int d = threadIdx.x; d < a.head_dim; d += blockDim.x) {
+  for (int d = d0; d < a.head_dim; d += blockDim.x) {
     float o = 0.0f;
+    int s = 0;
+    if (d == d0) {
+#pragma unroll
+      for (int e = 0; e < kEarlySplits; ++e)
+        if (e < ch.active) o = fmaf(o_early[e], s_w[e], o);
+      s = kEarlySplits;
+    }
 #pragma unroll 8
-    for (int s = 0; s < ch.active; ++s) o = fmaf(__ldcg(a.ws.o + (part0 + s) * a.head_dim + d), s_w[s], o);
+    for (; s < ch.active; ++s) o = fmaf(__ldcg(a.ws.o + (part0 + s) * a.head_dim + d), s_w[s], o);
     row[h * a.head_dim + d] = to_dtype<T>(ch.active > 0 ? __fdiv_rn(o, l) : 0.0f);
   }
   if constexpr (kNorm) {
