@@ -116,21 +116,22 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
   // there made the step 23 us slower.
   constexpr int kEarly = RT * NT <= 2 ? 1 : 0;
   float early_xs[kEarly > 0 ? kEarly : 1], early_res[kEarly > 0 ? kEarly : 1];
-  auto wait_and_load_epilogue_inputs = [&]() {
-    wait_for_previous_kernel();
+  // x_scale and residual of element e (1 and 0 where it has none: an int32 output, or outside the matrix)
+  auto load_epilogue_inputs = [&](int e, float& xs, float& res) {
+    xs = 1.0f, res = 0.0f;
     if constexpr (!std::is_same_v<Out, int>) {
-#pragma unroll
-      for (int j = 0; j < kEarly; ++j) {
-        const int e = threadIdx.x + j * blockDim.x;
-        int row, tok;
-        element(e, row, tok);
-        early_xs[j] = 1.0f, early_res[j] = 0.0f;
-        if (e < kPerBlock && row < n && tok < m) {
-          early_xs[j] = __ldcg(x_scale + tok);
-          if (residual != nullptr) early_res[j] = to_float(__ldcg(residual + (size_t)tok * n + row));
-        }
+      int row, tok;
+      element(e, row, tok);
+      if (e < kPerBlock && row < n && tok < m) {
+        xs = __ldcg(x_scale + tok);
+        if (residual != nullptr) res = to_float(__ldcg(residual + (size_t)tok * n + row));
       }
     }
+  };
+  auto wait_and_load_epilogue_inputs = [&]() {
+    wait_for_previous_kernel();
+#pragma unroll
+    for (int j = 0; j < kEarly; ++j) load_epilogue_inputs(threadIdx.x + j * blockDim.x, early_xs[j], early_res[j]);
   };
 
   allow_next_kernel();
@@ -235,20 +236,12 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
 #pragma unroll
   for (int j = 0; j < kEarly; ++j) {
     const int e = threadIdx.x + j * blockDim.x;
-    if (e < kPerBlock) {
-      if constexpr (std::is_same_v<Out, int>) finish(e, 1.0f, 0.0f);
-      else finish(e, early_xs[j], early_res[j]);
-    }
+    if (e < kPerBlock) finish(e, early_xs[j], early_res[j]);
   }
   for (int e = threadIdx.x + kEarly * blockDim.x; e < kPerBlock; e += blockDim.x) {
-    if constexpr (std::is_same_v<Out, int>) {
-      finish(e, 1.0f, 0.0f);
-    } else {
-      int row, tok;
-      element(e, row, tok);
-      if (row < n && tok < m)
-        finish(e, __ldcg(x_scale + tok), residual != nullptr ? to_float(__ldcg(residual + (size_t)tok * n + row)) : 0.0f);
-    }
+    float xs, res;
+    load_epilogue_inputs(e, xs, res);
+    finish(e, xs, res);
   }
 }
 
