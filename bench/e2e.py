@@ -249,6 +249,17 @@ def main() -> int:
         s = llm.last_stats
         record(f"decode, aggregate, batch {batch}", (s.generated_tokens - batch) / s.decode_seconds, 64 + new // 4)
 
+    # the opt-in one-launch decode kernel (BITNET_FUSED_DECODE=1) beside the op-by-op step, same run
+    fused = llm.model.ops.fused_decode
+    llm.model.ops.fused_decode, llm._runtime = True, None
+    record("decode, batch 1, 64-token prompt, one-launch layers", decode_rate(llm, 64, greedy), 64 + new // 2)
+    llm.generate(prompts(8, 64, cfg.vocab_size, 8), SamplingParams(temperature=0, max_new_tokens=new // 2,
+                                                                      ignore_eos=True))
+    s = llm.last_stats
+    record("decode, aggregate, batch 8, one-launch layers", (s.generated_tokens - 8) / s.decode_seconds, 64 + new // 4)
+    llm.model.ops.fused_decode, llm._runtime = fused, None
+    release_gpu_memory()
+
     # the same model without CUDA graphs (the debugging path), as a baseline in the same run
     llm.graphs, llm._runtime = False, None
     llm.generate(prompts(1, 64, cfg.vocab_size, 64), SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))

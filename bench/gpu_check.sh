@@ -43,6 +43,8 @@ if want profile; then
   run_stage profile-b64 profile-b64.log python3 bench/profile_decode.py --batch 64 --context 128
   # kernel times without programmatic dependent launch: each kernel's own time, no overlap
   BITNET_NO_PDL=1 run_stage profile-b1-nopdl profile-b1-nopdl.log python3 bench/profile_decode.py --batch 1 --context 512
+  # the opt-in one-launch decode kernel, phase by phase
+  BITNET_FUSED_DECODE=1 run_stage profile-b1-fused profile-b1-fused.log python3 bench/profile_decode.py --batch 1 --context 512
 fi
 want serve && [ -f bench/serve.py ] && run_stage serve serve.log python3 bench/serve.py --json "$OUT/serve.json"
 
@@ -66,7 +68,8 @@ if want tests; then
 fi
 want e2e && { echo "end to end:"; tail -n 20 "$OUT/e2e.log"; }
 want profile && { echo "decode profile (no PDL):"; grep -v Warn "$OUT/profile-b1-nopdl.log" | head -n 16
-  tail -n 1 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b64.log"; }
+  tail -n 1 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b64.log"
+  echo "one-launch decode kernel (opt-in):"; tail -n 11 "$OUT/profile-b1-fused.log"; }
 want serve && [ -f "$OUT/serve.log" ] && { echo "server:"; tail -n 8 "$OUT/serve.log"; }
 want kernels && { echo "kernel benchmark:"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 60; }
 exit $status

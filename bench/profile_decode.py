@@ -3,6 +3,9 @@
 the wall time of the same step replayed as a CUDA graph. 2B-4T shapes, random ternary weights.
 
     python bench/profile_decode.py [--batch 1] [--context 512] [--steps 20]
+
+With BITNET_FUSED_DECODE=1 the step runs the one-launch decode kernel (csrc/decode_layers.cu), and
+its phases are broken down from the kernel's own timeline.
 """
 
 import argparse
@@ -18,6 +21,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from e2e import CONFIG_2B4T, byte_tokenizer, random_tensors  # noqa: E402
 from engine import LLM  # noqa: E402
 from engine.graphs import DecodeGraphs  # noqa: E402
+
+
+PHASES = ("norm + q|k|v", "rope + cache", "attention splits", "attention combine", "sub-norm + o",
+          "norm + gate|up", "act + down")
+
+
+def fused_phases(model, cache, ids, positions, slots, runs: int = 5) -> None:
+    """Where the one-launch decode kernel's time goes, from its timeline: per phase, the median block's
+    time from the barrier before it to its arrival at the next one (split into norm, GEMV, and the rest:
+    the next weights' prefetch), the last block's, and the barrier's own latency (last arrival to the
+    median departure); medians over layers and runs."""
+    from engine import kernels
+
+    cfg = model.cfg
+    blocks = kernels.decode_layers_blocks()
+    timeline = torch.zeros(cfg.num_layers, kernels.DECODE_PHASES, 4, blocks, dtype=torch.int64, device="cuda")
+    x = model.ops.embed(ids, model.embed_tokens).reshape(ids.shape[0], -1)
+    state = model.backend_state
+    samples = collections.defaultdict(list)
+    for _ in range(runs):
+        kernels.decode_layers(state["decode_table"], cfg, x, positions.reshape(-1), slots, model.cos, model.sin,
+                              cache.k, cache.v, state["decode_barrier"], timeline)
+        t = timeline.cpu().double().flatten(0, 1)[:-1]   # [layers * phases, 4, blocks]; the last has no barrier
+        for i in range(1, t.shape[0]):
+            p, start = i % len(PHASES), t[i - 1, 1]
+            work = t[i, 0] - start
+            samples[p, "work"].append(float(work.median()))
+            samples[p, "last"].append(float(work.max()))
+            samples[p, "barrier"].append(float(t[i, 1].median() - t[i, 0].max()))
+            if t[i, 2].min() > 0:
+                samples[p, "norm"].append(float((t[i, 2] - start).median()))
+                samples[p, "gemv"].append(float((t[i, 3] - t[i, 2]).median()))
+                samples[p, "after"].append(float((t[i, 0] - t[i, 3]).median()))
+
+    def med(p, k):
+        v = sorted(samples[p, k])
+        return v[len(v) // 2] / 1e3 if v else float("nan")
+
+    print(f"fused decode kernel, {blocks} blocks: each phase per layer, us (medians over layers and {runs} runs)")
+    print(f"  {'phase':<20} {'median block':>12} {'= norm':>7} {'+ GEMV':>7} {'+ rest':>7} {'last block':>11} "
+          f"{'barrier':>8}")
+    total = 0.0
+    for p, name in enumerate(PHASES):
+        total += med(p, "last") + med(p, "barrier")
+        print(f"  {name:<20} {med(p, 'work'):12.2f} {med(p, 'norm'):7.2f} {med(p, 'gemv'):7.2f} {med(p, 'after'):7.2f} "
+              f"{med(p, 'last'):11.2f} {med(p, 'barrier'):8.2f}")
+    print(f"  per layer (last blocks + barriers): {total:.1f} us")
 
 
 def main() -> int:
@@ -55,6 +105,9 @@ def main() -> int:
           f"in {launches:.0f} launches")
     for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"  {t / args.steps:8.1f} us  {n / args.steps:5.1f}x  {name[:110]}")
+
+    if model.backend_state.get("decode_table") is not None and model.ops.fused_decode:
+        fused_phases(model, cache, ids, positions, slots)
 
     graphs = DecodeGraphs(model, cache, b)
     tok = [int(i) for i in ids[:, 0]]

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -25,6 +26,12 @@ bitnet::DType float_dtype(const Tensor& t, const char* name) {
   if (t.scalar_type() == torch::kBFloat16) return bitnet::DType::kBFloat16;
   if (t.scalar_type() == torch::kFloat32) return bitnet::DType::kFloat32;
   TORCH_CHECK(false, name, " must be bfloat16 or float32");
+}
+
+bitnet::Activation activation_of(const std::string& activation) {
+  if (activation == "relu2") return bitnet::Activation::kReLU2;
+  if (activation == "silu") return bitnet::Activation::kSiLU;
+  TORCH_CHECK(false, "activation must be relu2 or silu, got ", activation);
 }
 
 int padded_k(int64_t k) { return bitnet::ceil_div(static_cast<int>(k), bitnet::kChunkK) * bitnet::kChunkK; }
@@ -287,10 +294,7 @@ std::vector<Tensor> act_norm_quant(const Tensor& gate_up, const Tensor& weight, 
   TORCH_CHECK(weight.device() == gate_up.device() && weight.dim() == 1 && weight.size(0) == f &&
                   weight.scalar_type() == gate_up.scalar_type(),
               "the norm weight must be a vector of ", f, " elements of gate_up's dtype on its device");
-  bitnet::Activation act;
-  if (activation == "relu2") act = bitnet::Activation::kReLU2;
-  else if (activation == "silu") act = bitnet::Activation::kSiLU;
-  else TORCH_CHECK(false, "activation must be relu2 or silu, got ", activation);
+  const bitnet::Activation act = activation_of(activation);
   const c10::cuda::CUDAGuard guard(gate_up.device());
   const Tensor wc = weight.contiguous();
   Tensor x_q = torch::empty({m, padded_k(f)}, gate_up.options().dtype(torch::kInt8));
@@ -333,6 +337,109 @@ Tensor lm_head_int8(const Tensor& x, const Tensor& w_q, const Tensor& scale, con
   return y;
 }
 
+
+bitnet::DecodeShape decode_shape(int64_t layers, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                 int64_t ffn, const std::string& activation, double eps) {
+  for (int64_t v : {layers, hidden, heads, kv_heads, head_dim, ffn})
+    TORCH_CHECK(v > 0 && v < (1 << 30), "bad model shape");
+  return {static_cast<int>(layers), static_cast<int>(hidden), static_cast<int>(heads), static_cast<int>(kv_heads),
+          static_cast<int>(head_dim), static_cast<int>(ffn), activation_of(activation), static_cast<float>(eps)};
+}
+
+// Why the fused decode kernel cannot take this model with m rows here ("" if it can).
+std::string decode_layers_unsupported(int64_t layers, int64_t hidden, int64_t heads, int64_t kv_heads,
+                                      int64_t head_dim, int64_t ffn, const std::string& activation, int64_t m) {
+  const char* why = bitnet::decode_layers_unsupported(
+      decode_shape(layers, hidden, heads, kv_heads, head_dim, ffn, activation, 1e-5), static_cast<int>(m));
+  return why == nullptr ? "" : why;
+}
+
+// Per layer, 4 projections (q|k|v, o, gate|up, down: tiled weights, segment ends and scales) and 4
+// bf16 norm gains -> the DecodeLayer table decode_layers reads, as bytes on the weights' device.
+// The table points into those tensors: the caller keeps them alive.
+Tensor decode_layer_table(const std::vector<Tensor>& weights, const std::vector<std::vector<int64_t>>& ends,
+                          const std::vector<std::vector<double>>& scales, const std::vector<Tensor>& norms) {
+  const size_t layers = weights.size() / 4;
+  TORCH_CHECK(layers > 0 && weights.size() == 4 * layers && ends.size() == weights.size() &&
+                  scales.size() == weights.size() && norms.size() == weights.size(),
+              "need 4 projections and 4 norms per layer");
+  std::vector<bitnet::DecodeLayer> table(layers);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Tensor& w = weights[i];
+    const Tensor& g = norms[i];
+    TORCH_CHECK(w.is_cuda() && w.scalar_type() == torch::kInt32 && w.is_contiguous() && w.dim() == 4,
+                "projection weights must be contiguous tiled int32 CUDA tensors (repack)");
+    TORCH_CHECK(g.device() == w.device() && g.scalar_type() == torch::kBFloat16 && g.is_contiguous() && g.dim() == 1,
+                "norm gains must be contiguous bf16 vectors on the weights' device");
+    TORCH_CHECK(!ends[i].empty() && ends[i].size() <= bitnet::kMaxSegments && ends[i].size() == scales[i].size(),
+                "each projection needs 1 to ", bitnet::kMaxSegments, " segments with one scale each");
+    bitnet::DecodeLayer& layer = table[i / 4];
+    layer.weight[i % 4] = reinterpret_cast<const uint32_t*>(w.data_ptr<int>());
+    layer.norm[i % 4] = g.data_ptr();
+    bitnet::Segments& seg = layer.segments[i % 4];
+    seg = {};
+    seg.count = static_cast<int>(ends[i].size());
+    for (int j = 0; j < seg.count; ++j) {
+      seg.end[j] = static_cast<int>(ends[i][j]);
+      seg.scale[j] = static_cast<float>(scales[i][j]);
+    }
+  }
+  Tensor bytes = torch::empty({static_cast<int64_t>(layers * sizeof(bitnet::DecodeLayer))}, torch::kUInt8);
+  std::memcpy(bytes.data_ptr(), table.data(), bytes.numel());
+  return bytes.to(weights[0].device());
+}
+
+// x [m, hidden] bf16 through every layer (decode_layers.cu) -> [m, hidden]; caches [layers, slots,
+// kv_heads, max_len, head_dim]; barrier: int64 [1], zero at first, owned by the caller for all its launches.
+Tensor decode_layers(const Tensor& table, const Tensor& x, const Tensor& positions, const Tensor& slots,
+                     const Tensor& cos, const Tensor& sin, const Tensor& k_cache, const Tensor& v_cache,
+                     int64_t heads, int64_t ffn, const std::string& activation, double eps, const Tensor& barrier,
+                     const std::optional<Tensor>& timeline) {
+  check_2d_cuda(x, "x");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == torch::kBFloat16 &&
+                  v_cache.scalar_type() == torch::kBFloat16 && k_cache.device() == x.device() &&
+                  v_cache.device() == x.device(),
+              "the caches must be contiguous bf16 [layers, slots, kv_heads, max_len, head_dim] on x's device");
+  const int64_t m = x.size(0);
+  const bitnet::DecodeShape shape = decode_shape(k_cache.size(0), x.size(1), heads, k_cache.size(2), k_cache.size(4),
+                                                 ffn, activation, eps);
+  const char* why = bitnet::decode_layers_unsupported(shape, static_cast<int>(m));
+  TORCH_CHECK(why == nullptr, "decode_layers cannot run this model: ", why);
+  TORCH_CHECK(table.device() == x.device() && table.scalar_type() == torch::kUInt8 &&
+                  table.numel() == static_cast<int64_t>(shape.layers * sizeof(bitnet::DecodeLayer)),
+              "the layer table must be decode_layer_table's bytes for ", shape.layers, " layers, on x's device");
+  check_index_vector(slots, m, x, "slots");
+  check_index_vector(positions, m, x, "positions");
+  TORCH_CHECK(cos.is_cuda() && sin.is_cuda() && cos.scalar_type() == torch::kFloat32 && cos.sizes() == sin.sizes() &&
+                  cos.dim() == 2 && cos.size(1) == shape.head_dim / 2 && cos.is_contiguous() && sin.is_contiguous(),
+              "cos and sin must be contiguous fp32 [positions, head_dim / 2] CUDA tables");
+  TORCH_CHECK(barrier.device() == x.device() && barrier.scalar_type() == torch::kInt64 && barrier.numel() == 1,
+              "barrier must be an int64 [1] tensor on x's device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (timeline)
+    TORCH_CHECK(timeline->device() == x.device() && timeline->scalar_type() == torch::kInt64 &&
+                    timeline->is_contiguous() &&
+                    timeline->numel() == int64_t{shape.layers} * bitnet::kDecodePhases * 4 * bitnet::decode_layers_blocks(),
+                "timeline must be a contiguous int64 [layers, ", bitnet::kDecodePhases, ", 4, ",
+                bitnet::decode_layers_blocks(), "] tensor on x's device");
+  const int cache_slots = static_cast<int>(k_cache.size(1)), max_len = static_cast<int>(k_cache.size(3));
+  Tensor scratch = torch::empty(
+      {static_cast<int64_t>(bitnet::decode_layers_scratch_bytes(shape, static_cast<int>(m), cache_slots, max_len))},
+      x.options().dtype(torch::kUInt8));
+  Tensor out = torch::empty_like(x);
+  check_cuda(bitnet::decode_layers(reinterpret_cast<const bitnet::DecodeLayer*>(table.data_ptr()), shape,
+                                   static_cast<int>(m), x.data_ptr(), out.data_ptr(), positions.data_ptr<int64_t>(),
+                                   slots.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                   static_cast<int>(std::min<int64_t>(cos.size(0), INT32_MAX)), k_cache.data_ptr(),
+                                   v_cache.data_ptr(), cache_slots, max_len, scratch.data_ptr(),
+                                   reinterpret_cast<unsigned long long*>(barrier.data_ptr<int64_t>()),
+                                   timeline ? reinterpret_cast<unsigned long long*>(timeline->data_ptr<int64_t>()) : nullptr,
+                                   c10::cuda::getCurrentCUDAStream()),
+             "decode_layers");
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -347,6 +454,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("eps"), py::arg("activation"));
   m.def("lm_head_int8", &lm_head_int8, "the int8 LM head: fp32 logits of x against int8 rows with fp32 scales",
         py::arg("x"), py::arg("w_q"), py::arg("scale"), py::arg("out") = py::none());
+  m.def("decode_layer_table", &decode_layer_table, "the per-layer weight table of decode_layers", py::arg("weights"),
+        py::arg("ends"), py::arg("scales"), py::arg("norms"));
+  m.def("decode_layers_unsupported", &decode_layers_unsupported, "why decode_layers cannot run a model ('' if it can)",
+        py::arg("layers"), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("ffn"),
+        py::arg("activation"), py::arg("m"));
+  m.def("decode_layers", &decode_layers, "every layer of a decode step in one persistent kernel", py::arg("table"),
+        py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("heads"), py::arg("ffn"), py::arg("activation"), py::arg("eps"), py::arg("barrier"),
+        py::arg("timeline") = py::none());
+  m.def("decode_layers_blocks", &bitnet::decode_layers_blocks, "blocks of a decode_layers launch (one per SM)");
   m.def("repack", &repack, "canonical 2-bit codes -> the GEMM's tiled layout", py::arg("codes"), py::arg("n"), py::arg("k"));
   m.def("quantize", &quantize, "per-row int8 quantization, optionally of rmsnorm(x) * weight", py::arg("x"),
         py::arg("weight") = py::none(), py::arg("eps") = 1e-5, py::arg("out_q") = py::none(),

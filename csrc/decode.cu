@@ -13,57 +13,22 @@
 #include "kernels.h"
 #include "launch.cuh"
 #include "quant_math.cuh"
+#include "rope_kv.cuh"
 
 namespace bitnet {
 namespace {
 
 constexpr int kRopeThreads = 256;
 
-// Grid (rows, ceil(items / threads)): one item is a rotated pair (i, i + D/2) of a q or k head,
-// or one element of v. Consecutive threads take consecutive i: coalesced reads and writes.
+// Grid (rows, ceil(items / threads)): rope_kv.cuh's items, one per thread.
 template <typename T>
 __global__ void __launch_bounds__(kRopeThreads) rope_kv_kernel(const T* __restrict__ qkv, const int64_t* positions,
                                                                const int64_t* slots, const float* __restrict__ cos,
                                                                const float* __restrict__ sin, int table_len,
                                                                int heads, KVCacheLayer cache, T* __restrict__ q_out) {
-  const int row = blockIdx.x, item = blockIdx.y * blockDim.x + threadIdx.x;
-  const int d = cache.head_dim, half = d / 2, kvh = cache.kv_heads;
-  const int rope_items = (heads + kvh) * half;
   allow_next_kernel();
-  if (item >= rope_items + kvh * d) return;
-  // positions, slots and the tables were written before this step's kernels started (see launch.cuh):
-  // read them while the previous kernel finishes
-  const int64_t pos = positions[row], slot = slots[row];
-  const bool valid = pos >= 0 && pos < cache.max_len && pos < table_len && slot >= 0 && slot < cache.slots;
-  const int head = item / half, i = item % half;  // rope items: heads [0, heads) are q, then the kv heads of k
-  const bool rotate = item < rope_items && valid;
-  const float c = rotate ? cos[pos * half + i] : 0.0f, s = rotate ? sin[pos * half + i] : 0.0f;
-  wait_for_previous_kernel();  // qkv is the previous kernel's output
-  const T* x = qkv + (size_t)row * (heads + 2 * kvh) * d;
-  // cache entry (slot, kv head h, pos): row ((slot * kvh + h) * max_len + pos)
-  auto cache_row = [&](void* base, int h) {
-    return static_cast<T*>(base) + (((size_t)slot * kvh + h) * cache.max_len + pos) * d;
-  };
-  if (item < rope_items) {
-    float o1 = 0.0f, o2 = 0.0f;
-    if (valid) {
-      const float x1 = load_fresh(x + head * d, i), x2 = load_fresh(x + head * d, i + half);
-      o1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));  // x1 * c - x2 * s
-      o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));  // x2 * c + x1 * s
-    }
-    T* dst;
-    if (head < heads) {
-      dst = q_out + ((size_t)row * heads + head) * d;
-    } else {
-      if (!valid) return;
-      dst = cache_row(cache.k, head - heads);
-    }
-    dst[i] = to_dtype<T>(o1);
-    dst[i + half] = to_dtype<T>(o2);
-  } else if (valid) {
-    const int e = item - rope_items;  // element e of the row's v heads
-    cache_row(cache.v, e / d)[e % d] = __ldcg(x + (heads + kvh) * d + e);
-  }
+  rope_kv_item(qkv, positions, slots, cos, sin, table_len, heads, cache, q_out, blockIdx.x,
+               blockIdx.y * blockDim.x + threadIdx.x, true);
 }
 
 // Register path: the row's f products held in kRowVecs 16-byte vectors per thread (f a multiple of E).
@@ -100,7 +65,7 @@ template <typename T>
 cudaError_t launch_rope(const void* qkv, int rows, int heads, const int64_t* positions, const int64_t* slots,
                         const float* cos, const float* sin, int table_len, const KVCacheLayer& cache, void* q_out,
                         cudaStream_t stream) {
-  const int items = (heads + cache.kv_heads) * (cache.head_dim / 2) + cache.kv_heads * cache.head_dim;
+  const int items = rope_kv_items(heads, cache);
   const dim3 grid(rows, ceil_div(items, kRopeThreads));
   return launch_pdl(rope_kv_kernel<T>, grid, dim3(kRopeThreads), 0, stream, static_cast<const T*>(qkv), positions,
                     slots, cos, sin, table_len, heads, cache, static_cast<T*>(q_out));

@@ -30,7 +30,7 @@ struct GemmConfig {
   int large_tile;           // large-M block tile (tokens x rows): 1 128x256, 2 128x128, 3 64x128
 };
 
-inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // canonical packed codes uint8 [n, ceil(k/4)] -> tiled uint32 [ceil(n/16), ceil(k/128), 32, 4].
 // *invalid (device int, zeroed by the caller) becomes nonzero if any 2-bit code is 3.
@@ -111,6 +111,44 @@ enum class Activation : int { kReLU2 = 0, kSiLU = 1 };
 cudaError_t act_rmsnorm_quantize_rows(const void* gate_up, const void* weight, DType dtype, Activation activation,
                                       int m, int f, int k_stride, float eps, int8_t* x_q, float* scale,
                                       cudaStream_t stream);
+
+// ---- every layer of a decode step in one persistent kernel (decode_layers.cu) ----
+
+// One layer's weights for decode_layers: projections in the tiled layout (repack_ternary), fused as
+// the model fuses them, and the four RMSNorm gains (bf16).
+struct DecodeLayer {
+  const uint32_t* weight[4];  // q|k|v, o, gate|up, down
+  Segments segments[4];
+  const void* norm[4];  // input, attention sub-norm, post-attention, FFN sub-norm
+};
+
+struct DecodeShape {
+  int layers, hidden, heads, kv_heads, head_dim, ffn;
+  Activation activation;
+  float eps;
+};
+
+// Why decode_layers cannot run this shape with m rows on this GPU, or nullptr if it can.
+const char* decode_layers_unsupported(const DecodeShape& shape, int m);
+// Scratch bytes decode_layers needs (activations between phases, attention partials).
+size_t decode_layers_scratch_bytes(const DecodeShape& shape, int m, int cache_slots, int max_len);
+
+// x_in [m, hidden] bf16 (the embeddings of one token per row) through every layer -> x_out [m, hidden]:
+// the same bits as the op-by-op kernels (rmsnorm_quantize_rows, w2a8_gemm, rope_kv_write,
+// decode_attention, act_rmsnorm_quantize_rows), the KV cache written the same way. layers: `layers`
+// DecodeLayer structs in device memory; k_cache, v_cache: [layers, cache_slots, kv_heads, max_len,
+// head_dim] bf16; barrier: one device counter, zero before the first launch, only ever incremented.
+// One cooperative launch (one block per SM); nothing fixed but the shapes, so it replays in graphs.
+cudaError_t decode_layers(const DecodeLayer* layers, const DecodeShape& shape, int m, const void* x_in, void* x_out,
+                          const int64_t* positions, const int64_t* slots, const float* cos, const float* sin,
+                          int table_len, void* k_cache, void* v_cache, int cache_slots, int max_len, void* scratch,
+                          unsigned long long* barrier, unsigned long long* timeline, cudaStream_t stream);
+// Blocks of a decode_layers launch, and its phases per layer. timeline (optional, for profiling):
+// layers * kDecodePhases * 4 * blocks ns stamps [layer][phase][what][block]: each block's arrival at
+// (0) and departure from (1) the barrier that ends the phase; in the GEMV phases, the end of the norm
+// (2) and of the GEMV (3).
+int decode_layers_blocks();
+constexpr int kDecodePhases = 7;
 
 // ---- the int8 LM head (lm_head.cu) ----
 

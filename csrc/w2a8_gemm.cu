@@ -68,15 +68,6 @@ __global__ void repack_kernel(const uint8_t* __restrict__ canonical, int n, int 
   if (bad) atomicExch(invalid, 1);
 }
 
-// Weights are read once: stream them past L1.
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
 template <int RT, int NT, typename Out>
 __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale,
                                                    int m, int k_stride, const uint4* __restrict__ w, int n,

@@ -33,6 +33,10 @@ class CudaOps(TorchOps):
     def __init__(self, dtype: torch.dtype, device: torch.device | str = "cuda"):
         super().__init__(dtype, device)
         kernels.load()
+        # decode steps through the one-launch kernel (decode_layers) where it applies: off unless asked
+        # for (BITNET_FUSED_DECODE=1), because on an H100 it is still slower than the op-by-op step
+        # (README, "GPU runtime")
+        self.fused_decode = os.environ.get("BITNET_FUSED_DECODE") == "1"
 
     def prepare_linear(self, parts, in_features: int) -> TernaryWeight:
         """Fused projections are concatenated along the output dim and repacked once on the GPU."""
@@ -109,6 +113,26 @@ class CudaOps(TorchOps):
         gate_up = self.bitlinear(x_q, x_scale, w)
         y_q, scale = kernels.act_norm_quant(gate_up.reshape(-1, 2 * f), sub_norm.to(gate_up.dtype), eps, activation)
         return y_q.view(*lead, f), scale.view(*lead, 1)
+
+    def decode_layers(self, model, x, positions, slots, cache):
+        """Decode steps of up to 8 rows, when fused_decode is on: every layer in one persistent kernel
+        (csrc/decode_layers.cu), the same bits as the layers op by op, without their 11 launches per
+        layer. None (op by op) when it is off or the kernel does not take this model."""
+        b = x.shape[0]
+        if not self.fused_decode or b > 8 or self.dtype != torch.bfloat16 or cache.k.dtype != torch.bfloat16:
+            return None
+        state = model.backend_state
+        if "decode_table" not in state:
+            why = kernels.decode_layers_unsupported(model.cfg, 1)
+            state["decode_table"] = None if why else kernels.decode_layer_table(model.layers)
+            state["decode_barrier"] = torch.zeros(1, dtype=torch.int64, device=self.device)
+            state["decode_unsupported"] = why
+        if state["decode_table"] is None:
+            return None
+        out = kernels.decode_layers(state["decode_table"], model.cfg, x.reshape(b, -1), positions.reshape(-1),
+                                    slots.reshape(-1), model.cos, model.sin, cache.k, cache.v,
+                                    state["decode_barrier"])
+        return out.view_as(x)
 
     def int8_head(self, table) -> Int8Head:
         if table.shape[1] > kernels.LM_HEAD_MAX_K:

@@ -13,7 +13,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "w2a8_gemm.cu", "w2a8_gemm_large.cu", "quantize.cu", "decode.cu", "decode_attention.cu",
-           "lm_head.cu")
+           "decode_layers.cu", "lm_head.cu")
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
 CHUNK_K = 128  # inputs per tile of the GEMM layout: activation rows are padded to a multiple of it
 
@@ -256,3 +256,45 @@ def lm_head_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: t
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous fp32 [{x.shape[0]}, {v}] tensor on {x.device}")
     return load().lm_head_int8(x.contiguous(), w_q, scale, out)
+
+
+# ---- every layer of a decode step in one persistent kernel (csrc/decode_layers.cu) -------------------
+def decode_layers_unsupported(cfg, m: int) -> str:
+    """Why decode_layers cannot run model config `cfg` with m rows on this GPU ('' if it can)."""
+    return load().decode_layers_unsupported(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                                            cfg.head_dim, cfg.intermediate_size, cfg.activation, int(m))
+
+
+def decode_layer_table(layers) -> torch.Tensor:
+    """The weight table decode_layers reads, from the model's layers (engine.model.Layer, CUDA-prepared:
+    tiled weights, bf16 norms). It points into their tensors: keep the layers alive while it is used."""
+    weights, ends, scales, norms = [], [], [], []
+    for layer in layers:
+        for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            weights.append(w.weight)
+            ends.append([sum(w.segments[:i + 1]) for i in range(len(w.segments))])
+            scales.append(list(w.scales))
+        norms += [layer.input_norm, layer.attn_sub_norm, layer.post_attn_norm, layer.ffn_sub_norm]
+    return load().decode_layer_table(weights, ends, scales, norms)
+
+
+def decode_layers(table: torch.Tensor, cfg, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  barrier: torch.Tensor, timeline: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, hidden] bf16 (one token per row, m <= 8) through every layer in one launch, writing each
+    row's key and value at positions[r] of cache slot slots[r] -> [m, hidden]. The same bits as running
+    the layers op by op with CudaOps. k_cache, v_cache: the whole KVCache ([layers, slots, ...]);
+    barrier: int64 [1], zero at first, on the GPU, reused by every launch (one launch at a time). timeline: for
+    profiling, an int64 [layers, 7 phases, 4, decode_layers_blocks()] tensor (csrc/kernels.h says what it
+    receives: ns stamps of each block's phase ends and barriers, from the GPU's global timer)."""
+    positions = _index_vector(positions, x.shape[0], x, "positions")
+    slots = _index_vector(slots, x.shape[0], x, "slots")
+    return load().decode_layers(table, x.contiguous(), positions, slots, cos, sin, k_cache, v_cache, cfg.num_heads,
+                                cfg.intermediate_size, cfg.activation, float(cfg.rms_norm_eps), barrier, timeline)
+
+
+DECODE_PHASES = 7   # csrc/kernels.h kDecodePhases
+
+
+def decode_layers_blocks() -> int:
+    return load().decode_layers_blocks()

@@ -68,6 +68,17 @@ class BitNetModel:
             for i in range(cfg.num_layers)
         ]
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dev)
+        self.backend_state: dict = {}   # what an ops backend builds once per model (engine.cuda_ops)
+
+    def _layer(self, layer: Layer, x, positions, slots, k_cache, v_cache, span):
+        ops, eps = self.ops, self.cfg.rms_norm_eps
+        xq, xs = ops.rmsnorm_quant(x, layer.input_norm, eps)
+        q = ops.qkv_rope_cache(xq, xs, layer.qkv, self.cos, self.sin, positions, slots, k_cache, v_cache)
+        aq, as_ = ops.attention_norm_quant(q, positions, slots, k_cache, v_cache, layer.attn_sub_norm, eps, span)
+        x = ops.bitlinear(aq, as_, layer.o, residual=x)
+        hq, hs = ops.rmsnorm_quant(x, layer.post_attn_norm, eps)
+        fq, fs = ops.gate_up_act_norm_quant(hq, hs, layer.gate_up, self.cfg.activation, layer.ffn_sub_norm, eps)
+        return ops.bitlinear(fq, fs, layer.down, residual=x)
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, slots, min(max_len, self.cfg.max_position_embeddings), self.ops.dtype, self.ops.device)
@@ -90,15 +101,12 @@ class BitNetModel:
         """
         ops, cfg, eps = self.ops, self.cfg, self.cfg.rms_norm_eps
         x = ops.embed(ids, self.embed_tokens)
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = cache.k[i], cache.v[i]
-            xq, xs = ops.rmsnorm_quant(x, layer.input_norm, eps)
-            q = ops.qkv_rope_cache(xq, xs, layer.qkv, self.cos, self.sin, positions, slots, k_cache, v_cache)
-            aq, as_ = ops.attention_norm_quant(q, positions, slots, k_cache, v_cache, layer.attn_sub_norm, eps, span)
-            x = ops.bitlinear(aq, as_, layer.o, residual=x)
-            hq, hs = ops.rmsnorm_quant(x, layer.post_attn_norm, eps)
-            fq, fs = ops.gate_up_act_norm_quant(hq, hs, layer.gate_up, cfg.activation, layer.ffn_sub_norm, eps)
-            x = ops.bitlinear(fq, fs, layer.down, residual=x)
+        fused = ops.decode_layers(self, x, positions, slots, cache) if ids.shape[1] == 1 else None
+        if fused is not None:   # a backend ran the layers below as one kernel, with the same numbers
+            x = fused
+        else:
+            for i, layer in enumerate(self.layers):
+                x = self._layer(layer, x, positions, slots, cache.k[i], cache.v[i], span)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]
         elif not all_logits:

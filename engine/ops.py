@@ -146,6 +146,11 @@ class TorchOps:
         act = torch.relu(gate).square() if activation == "relu2" else F.silu(gate)
         return self.rmsnorm_quant(act * up, sub_norm, eps)
 
+    def decode_layers(self, model, x, positions, slots, cache):
+        """Every layer of a decode step (x [B, 1, H], one token per row) at once, for backends that fuse
+        them; None (here) lets the model run its layers one by one."""
+        return None
+
     def int8_head(self, table: torch.Tensor) -> Int8Head:
         """The int8 head made from a head table [V, H]: quantized per row on the CPU, whatever the device
         (torch divides by a scalar through its reciprocal on a GPU, so the scales would differ by an
