@@ -50,7 +50,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kUnits = kThreads / attention::kThreads;  // attention split blocks side by side
 constexpr int kVecs = 4;        // norm rows held in registers: up to kVecs * kThreads * 8 elements
 constexpr int kMaxTiles = 16;   // row tiles a block owns in one projection
-constexpr uint32_t kZeroCodes = 0x55555555u;
 enum Proj { kQKV = 0, kO = 1, kGateUp = 2, kDown = 3 };
 
 struct Projection {
@@ -111,27 +110,20 @@ __device__ __forceinline__ void grid_sync(unsigned long long* count) {
 
 constexpr int kPhases = kDecodePhases;
 
-// The end of phase `phase` of layer l: the grid barrier, and with a timeline, this block's arrival
-// at it and departure from it (ns, %globaltimer) at [((l * kPhases + phase) * 2 + 0 / 1) * grid + block].
+// With a timeline: this block's time stamp `which` of phase `phase` of layer l (kernels.h says which).
 __device__ __forceinline__ void mark(const Args& a, int l, int phase, int which) {
-    if (a.timeline != nullptr && threadIdx.x == 0) {
-      unsigned long long t;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      a.timeline[((size_t)(l * kPhases + phase) * 4 + which) * gridDim.x + blockIdx.x] = t;
-    }
+  if (a.timeline != nullptr && threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    a.timeline[((size_t)(l * kPhases + phase) * 4 + which) * gridDim.x + blockIdx.x] = t;
+  }
 }
 
+// The end of phase `phase` of layer l: the grid barrier, stamped on arrival (0) and departure (1).
 __device__ __forceinline__ void end_phase(const Args& a, int l, int phase) {
-  auto mark = [&](int which) {
-    if (a.timeline != nullptr && threadIdx.x == 0) {
-      unsigned long long t;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      a.timeline[((size_t)(l * kPhases + phase) * 4 + which) * gridDim.x + blockIdx.x] = t;
-    }
-  };
-  mark(0);
+  mark(a, l, phase, 0);
   grid_sync(a.barrier);
-  mark(1);
+  mark(a, l, phase, 1);
 }
 
 __device__ __forceinline__ void named_sync(int id) {
