@@ -11,10 +11,11 @@
 // reads the lengths and loads its first tile of keys and values, all but this step's own row, which
 // it loads after the wait (launch.cuh says why that is safe).
 //
-// Inside a block, LPK lanes share a key row (16-byte loads for head_dim 64 / 128, scalar loads for
-// any other even head_dim <= 256); keys come in tiles of kThreads / LPK * KPG rows whose K and V
-// loads are all issued before the first use. Scores go to shared memory, one warp per head updates
-// the running softmax (log2 domain), then every lane accumulates p * v for the elements it owns.
+// Inside a block, LPK lanes share a key row (16-byte loads of keys, values and queries for head_dim
+// 64 / 128, scalar loads for any other even head_dim <= 256); keys come in tiles of
+// kThreads / LPK * KPG rows whose K and V loads are all issued before the first use. Scores go to
+// shared memory, one warp per head updates the running softmax (log2 domain), then every lane
+// accumulates p * v for the elements it owns.
 //
 // Combine kernel, grid (heads, batch): rescales the partials to the global max, divides by the total
 // sum and rounds once to the activation dtype. The fused variant then counts finished heads per row;
@@ -64,7 +65,8 @@ cudaError_t launch_split(const T* q, const T* k, const T* v, const SplitArgs& ar
 template <typename T, int GT>
 cudaError_t launch_split_for_head_dim(const T* q, const T* k, const T* v, const SplitArgs& args, int batch,
                                       cudaStream_t stream) {
-  const bool aligned = reinterpret_cast<uintptr_t>(k) % 16 == 0 && reinterpret_cast<uintptr_t>(v) % 16 == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(k) % 16 == 0 && reinterpret_cast<uintptr_t>(v) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(q) % 16 == 0;
   if (aligned) {
     constexpr int E = 16 / sizeof(T);  // elements per 16-byte vector
     if (args.head_dim == 128) return launch_split<T, 128 / E, E, true, GT, 8>(q, k, v, args, batch, stream);
