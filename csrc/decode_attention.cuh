@@ -195,31 +195,18 @@ __device__ __forceinline__ void attention_split_unit(const T* __restrict__ q, co
   const int heads_here = min(GT, a.group - g0);
   const int head0 = kvh * a.group + g0;
 
-  // this lane's elements of the GT query heads: in the vector layout one 16-byte load per head (all
-  // issued before the first use), else one load per element
+  // this lane's elements of the GT query heads, loaded as the key rows are (RowShare): one 16-byte
+  // load per head in the vector layout, all issued before the first use
   float qf[GT][EPL];
-  const T* q_rows = q + ((size_t)b * a.heads + head0) * a.head_dim;
-  if constexpr (kVec) {
-    constexpr int kPerVec = 16 / sizeof(T);
-    uint4 raw[GT][Share::kRawVecs];
+  {
+    RowShare<T, LPK, EPL, kVec, GT> qr;
+    const T* q_rows = q + ((size_t)b * a.heads + head0) * a.head_dim;
+#pragma unroll
+    for (int g = 0; g < GT; ++g) qr.load(g, q_rows + g * a.head_dim, lane_k, a.head_dim, g < heads_here);
 #pragma unroll
     for (int g = 0; g < GT; ++g)
 #pragma unroll
-      for (int r = 0; r < Share::kRawVecs; ++r)
-        raw[g][r] = g < heads_here ? __ldcg(reinterpret_cast<const uint4*>(q_rows + g * a.head_dim + lane_k * EPL) + r)
-                                   : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int g = 0; g < GT; ++g)
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) qf[g][e] = load_float(reinterpret_cast<const T*>(&raw[g][e / kPerVec]), e % kPerVec);
-  } else {
-#pragma unroll
-    for (int g = 0; g < GT; ++g)
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        const int d = Share::elem(lane_k, e);
-        qf[g][e] = g < heads_here && d < a.head_dim ? load_fresh(q_rows + g * a.head_dim, d) : 0.0f;
-      }
+      for (int e = 0; e < EPL; ++e) qf[g][e] = qr.get(g, e);
   }
   float acc[GT][EPL];
 #pragma unroll
