@@ -4,7 +4,7 @@
 # short summary last. Logs and JSON go to $OUT.
 #   bash bench/gpu_check.sh                 # everything
 #   STAGES="build tests e2e" bash bench/gpu_check.sh    # some stages (build, tests, kernels, e2e, profile, serve, jit)
-#   KERNEL_ARGS="--sweep" bash bench/gpu_check.sh       # extra bench/kernels.py arguments
+#   KERNEL_ARGS="--sweep" bash bench/gpu_check.sh       # extra bench/kernels.py arguments (--gemv-only, --ms 1,4)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bitnet-gpu-check}
@@ -36,7 +36,12 @@ if want build; then
   grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -n 30 > "$OUT/ptxas.txt" || true
 fi
 want tests && run_stage tests tests.log python3 -m pytest -q -p no:cacheprovider tests
-want kernels && run_stage kernels bench.log python3 bench/kernels.py --json "$OUT/kernels.json" ${KERNEL_ARGS:-}
+if want kernels; then
+  run_stage kernels bench.log python3 bench/kernels.py --json "$OUT/kernels.json" ${KERNEL_ARGS:-}
+  # the cost of a dependent launch itself, and of each dependent step of a kernel body
+  run_stage launch-floor launch_floor.log bash -c "nvcc -std=c++17 -O3 -arch=sm_${arch/./} bench/launch_floor.cu \
+    -o /tmp/launch_floor && /tmp/launch_floor"
+fi
 want e2e && run_stage e2e e2e.log python3 bench/e2e.py --json "$OUT/e2e.json"
 if want profile; then
   run_stage profile-b1 profile-b1.log python3 bench/profile_decode.py --batch 1 --context 512
@@ -71,5 +76,5 @@ want profile && { echo "decode profile (no PDL):"; grep -v Warn "$OUT/profile-b1
   tail -n 1 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b64.log"
   echo "one-launch decode kernel (opt-in):"; tail -n 11 "$OUT/profile-b1-fused.log"; }
 want serve && [ -f "$OUT/serve.log" ] && { echo "server:"; tail -n 8 "$OUT/serve.log"; }
-want kernels && { echo "kernel benchmark:"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 60; }
+want kernels && { echo "kernel benchmark:"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 60; cat "$OUT/launch_floor.log"; }
 exit $status

@@ -84,6 +84,36 @@ def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]
     return rows
 
 
+def bench_layer_chain(bandwidth: float, ms) -> list[dict]:
+    """The four 2B-4T projections of a layer launched one after the other, layer after layer, in one
+    graph (as in a decode step, without the kernels between them), weights rotated over enough layer
+    copies that they come from HBM: microseconds per layer. Unlike the sum of the rows above, a
+    projection here may prefetch its weights while the one before it, of another shape, runs."""
+    dims = {name: (n, k) for name, n, k in SHAPES if name in LAYER_2B4T}
+    layer_bytes = sum(n * k // 4 for n, k in dims.values())
+    copies = copies_for(layer_bytes)
+    gen = torch.Generator().manual_seed(5)
+    weights = {name: [kernels.repack(pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)).cuda(),
+                                     n, k)] for name, (n, k) in dims.items()}
+    for name in dims:
+        weights[name] += [weights[name][0].clone() for _ in range(copies - 1)]
+    rows = []
+    for m in ms:
+        print(f"  layer chain M={m} ...", file=sys.stderr, flush=True)
+        inputs = {name: kernels.quantize(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+                  for name, (n, k) in dims.items()}
+        outs = {name: torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for name, (n, k) in dims.items()}
+
+        def layer(i):
+            for name in LAYER_2B4T:
+                n, k = dims[name]
+                kernels.gemm(*inputs[name], weights[name][i % copies], n, k, [n], [1.0], out=outs[name])
+
+        floor = sum(n * k / 4 + m * k + 2 * m * n for n, k in dims.values()) / bandwidth * 1e6
+        rows.append({"m": m, "us": time_graph(layer, copies), "floor_us": floor})
+    return rows
+
+
 def bench_prefill(n: int, k: int, ms, sweep: bool) -> list[dict]:
     """Many tokens: the large-M kernel against torch bf16 matmul, in int8 TOPS (2 M N K / time)."""
     copies, bf16_copies = rotated_weights(n, k)
@@ -161,7 +191,7 @@ def bench_decode_attention(bandwidth: float) -> list[dict]:
         slots = torch.arange(batch, device="cuda")
         positions = torch.full((batch,), ctx - 1, device="cuda")
 
-        def attention(i, norm=None):
+        def attention(i, norm=None, caches=caches):
             kernels.decode_attention(q, *caches[i % len(caches)], slots, positions, norm_weight=norm)
 
         us = time_graph(attention, len(caches))
@@ -177,7 +207,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write all figures to this file")
     parser.add_argument("--sweep", action="store_true", help="also time every launch configuration, report the best")
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or all")
+    parser.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated token counts of the GEMV rows")
+    parser.add_argument("--gemv-only", action="store_true", help="only the GEMV rows and layers (no prefill, "
+                        "quantization or attention rows)")
     args = parser.parse_args()
+    ms = tuple(int(m) for m in args.ms.split(","))
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -188,7 +222,7 @@ def main() -> int:
     shapes = SHAPES if args.shapes == "all" else [s for s in SHAPES if s[0] in args.shapes.split(",")]
     results = []
     for name, n, k in shapes:
-        for row in bench_shape(n, k, MS, bandwidth, args.sweep):
+        for row in bench_shape(n, k, ms, bandwidth, args.sweep):
             results.append({"shape": name, **row})
 
     print(f"\nW2A8 GEMM, median us per launch (CUDA graph replay, weights from HBM) on {gpu}")
@@ -203,7 +237,7 @@ def main() -> int:
             line += f" {r['sweep_best_us']:>8.2f} {str(r['sweep_best_config']):>8}"
         print(line)
     layer = {}
-    for m in MS:
+    for m in ms:
         sel = [r for r in results if r["shape"] in LAYER_2B4T and r["m"] == m]
         if len(sel) == 4:
             ours, floor = sum(r["ours_us"] for r in sel), sum(r["floor_us"] for r in sel)
@@ -211,10 +245,14 @@ def main() -> int:
             layer[m] = {"ours_us": ours, "floor_us": floor, "torch_bf16_us": bf16}
             print(f"one 2B-4T layer (qkv+o+gate|up+down), M={m}: ours {ours:.2f} us, floor {floor:.2f} us "
                   f"({ours / floor:.2f}x), torch bf16 {bf16:.2f} us ({bf16 / ours:.2f}x slower)")
+    chain = bench_layer_chain(bandwidth, ms) if all(name in [s[0] for s in shapes] for name in LAYER_2B4T) else []
+    for r in chain:
+        print(f"2B-4T layers back to back (qkv, o, gate|up, down, qkv, ... in one graph), M={r['m']}: "
+              f"{r['us']:.2f} us per layer, floor {r['floor_us']:.2f} us ({r['us'] / r['floor_us']:.2f}x)")
 
     prefill, crossover = [], []
     for name, n, k in shapes:
-        if name in LAYER_2B4T:
+        if name in LAYER_2B4T and not args.gemv_only:
             prefill += [{"shape": name, **row} for row in bench_prefill(n, k, PREFILL_MS, args.sweep)]
             if args.sweep:
                 crossover += [{"shape": name, **row} for row in bench_crossover(n, k)]
@@ -231,19 +269,21 @@ def main() -> int:
         for r in crossover:
             print(f"  {r['shape']:<9} M={r['m']:<4} small {r['small_us']:8.2f}  large {r['large_us']:8.2f}")
 
-    quant = bench_quantize(bandwidth)
-    print("\nactivation quantization (RMSNorm fused), median us")
+    quant = [] if args.gemv_only else bench_quantize(bandwidth)
+    if quant:
+        print("\nactivation quantization (RMSNorm fused), median us")
     for r in quant:
         print(f"  {r['op']} M={r['m']:<3} K={r['k']:<5} {r['us']:6.2f} us (floor {r['floor_us']:.2f})")
-    attention = bench_decode_attention(bandwidth)
-    print("\ndecode attention, 2B-4T heads (20 q / 5 kv x 128, bf16), full context, median us")
+    attention = [] if args.gemv_only else bench_decode_attention(bandwidth)
+    if attention:
+        print("\ndecode attention, 2B-4T heads (20 q / 5 kv x 128, bf16), full context, median us")
     for r in attention:
         print(f"  B={r['batch']:<3} context={r['context']:<5} {r['us']:8.2f} us (floor {r['floor_us']:.2f}, "
               f"{r['us'] / r['floor_us']:.2f}x); + sub-norm + quant {r['fused_us']:8.2f} us")
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu, "copy_bandwidth_Bps": bandwidth, "gemm": results,
                                          "prefill": prefill, "crossover": crossover,
-                                         "layer_2b4t": layer, "quantize": quant,
+                                         "layer_2b4t": layer, "layer_chain": chain, "quantize": quant,
                                          "decode_attention": attention}, indent=2))
     return 0
 

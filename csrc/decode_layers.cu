@@ -219,7 +219,7 @@ __device__ __forceinline__ void gemv(const Projection& p, const uint4* staged, c
     if (row < p.n && tok < m) {
       const int dot = sum - s.xsum[tok];
       float y = __fdiv_rn(__fmul_rn(static_cast<float>(dot), segment_scale(p.seg, row)), s.xs[tok]);
-      if (residual != nullptr) y = __fadd_rn(y, __bfloat162float(__ldcg(residual + (size_t)tok * p.n + row)));
+      if (residual != nullptr) y = __fadd_rn(y, __bfloat162float(ldcg_ordered(residual + (size_t)tok * p.n + row)));
       out[(size_t)tok * p.n + row] = __float2bfloat16_rn(y);
     }
   }

@@ -14,9 +14,11 @@
 // loads cached, replayed decode graphs gave other logits than eager steps once timings shifted.)
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <type_traits>
 
 namespace bitnet {
 
@@ -25,6 +27,16 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// __ldcg (ld.global.cg: through L2, never a stale L1 line) that stays where it is written. The bf16
+// overload in cuda_bf16.hpp is a non-volatile asm, which the compiler may hoist above
+// wait_for_previous_kernel() and run even where its guard is false (seen: the GEMV's residual read
+// before the wait, from a null pointer); the integer and float overloads are volatile.
+template <typename T>
+__device__ __forceinline__ T ldcg_ordered(const T* p) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+  else return __ldcg(p);
 }
 
 // Let the next kernel in the stream launch now (it still waits for this one before its dependent part).

@@ -174,10 +174,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (m0 + t < m) {
       const T* src = x + (size_t)(m0 + t) * k + 4 * u;
       const int left = k - 4 * u;
-      if (left > 0) f.x = to_f32(__ldcg(src));  // the previous kernel's output: through L2 (quant_math.cuh)
-      if (left > 1) f.y = to_f32(__ldcg(src + 1));
-      if (left > 2) f.z = to_f32(__ldcg(src + 2));
-      if (left > 3) f.w = to_f32(__ldcg(src + 3));
+      if (left > 0) f.x = to_f32(ldcg_ordered(src));  // the previous kernel's output: through L2 (quant_math.cuh)
+      if (left > 1) f.y = to_f32(ldcg_ordered(src + 1));
+      if (left > 2) f.z = to_f32(ldcg_ordered(src + 2));
+      if (left > 3) f.w = to_f32(ldcg_ordered(src + 3));
     }
     xs[t * units + swizzle(u)] = f;
   }

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace bitnet {
 
@@ -27,8 +28,8 @@ __device__ __forceinline__ float load_float(const T* p, int i) {
 // an L1 or read-only-cache line of an address, loaded by an earlier kernel on this SM, may be stale.
 template <typename T>
 __device__ __forceinline__ float load_fresh(const T* p, int i) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(__ldcg(p + i));
-  else return __ldcg(p + i);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(ldcg_ordered(p + i));
+  else return ldcg_ordered(p + i);
 }
 
 // fp32 -> the activation dtype, round to nearest even (what torch's .to(dtype) does)

@@ -59,7 +59,7 @@ __device__ __forceinline__ void rope_kv_item(const T* __restrict__ qkv, const in
     dst[i + half] = to_dtype<T>(o2);
   } else if (valid) {
     const int e = item - rope_items;  // element e of the row's v heads
-    cache_row(cache.v, e / d)[e % d] = __ldcg(x + (heads + kvh) * d + e);
+    cache_row(cache.v, e / d)[e % d] = ldcg_ordered(x + (heads + kvh) * d + e);
   }
 }
 

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
       element(e, row, tok);
       if (e < kPerBlock && row < n && tok < m) {
         xs = __ldcg(x_scale + tok);
-        if (residual != nullptr) res = to_float(__ldcg(residual + (size_t)tok * n + row));
+        if (residual != nullptr) res = to_float(ldcg_ordered(residual + (size_t)tok * n + row));
       }
     }
   };

@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
         for (int r = 0; r < RT; ++r)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            res[t][r][e] = residual != nullptr && tok_inside[t] && row_inside[r][e] ? to_float(__ldcg(res_row + 16 * r + 8 * e)) : 0.0f;
+            res[t][r][e] = residual != nullptr && tok_inside[t] && row_inside[r][e] ? to_float(ldcg_ordered(res_row + 16 * r + 8 * e)) : 0.0f;
             // the reference: (acc * w_scale) / x_scale (+ residual), each step IEEE-rounded fp32
             y[t][r][e] = __fmul_rn(static_cast<float>(acc[r][j][2 * e + t] - token_sum[j][t]), row_scale[r][e]);
             smallest = fminf(smallest, fabsf(y[t][r][e]));
