@@ -76,11 +76,14 @@ def bench_shape(n: int, k: int, ms, bandwidth: float, sweep: bool) -> list[dict]
                        if not (m > 8 and rt == 4)]
             timed = [(time_graph(lambda i, c=c: ours(i, *c), len(copies)), c) for c in configs]
             best = min(timed)
+            # the default again after the sweep: how far one figure moves within a run
+            timed.append((time_graph(ours, len(copies)), "default again"))
         torch_us = time_graph(lambda i: torch.mm(x, bf16_copies[i % len(bf16_copies)].t(), out=y), len(bf16_copies))
         floor_bytes = n * k / 4 + m * k + 2 * m * n
         rows.append({"n": n, "k": k, "m": m, "ours_us": us, "torch_bf16_us": torch_us,
                      "floor_us": floor_bytes / bandwidth * 1e6,
-                     "sweep_best_us": best[0] if best else None, "sweep_best_config": best[1] if best else None})
+                     "sweep_best_us": best[0] if best else None, "sweep_best_config": best[1] if best else None,
+                     **({"sweep_us": {str(c): t for t, c in timed}} if sweep else {})})
     return rows
 
 
@@ -236,6 +239,11 @@ def main() -> int:
         if args.sweep:
             line += f" {r['sweep_best_us']:>8.2f} {str(r['sweep_best_config']):>8}"
         print(line)
+    if args.sweep:
+        print("\nevery configuration (row_tiles_per_block, warps), fastest first:")
+        for r in results:
+            ranked = sorted(r["sweep_us"].items(), key=lambda kv: kv[1])
+            print(f"{r['shape']:<11} M={r['m']:<3} " + ", ".join(f"{c} {t:.2f}" for c, t in ranked))
     layer = {}
     for m in ms:
         sel = [r for r in results if r["shape"] in LAYER_2B4T and r["m"] == m]

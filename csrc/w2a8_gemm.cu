@@ -247,9 +247,10 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
                     static_cast<const Out*>(residual), static_cast<Out*>(out));
 }
 
-// Default launch shape, from sweeps on an H200 (bench/kernels.py --sweep; kernels back to back in a
-// CUDA graph with PDL): the kernel is latency-bound, so split K over many warps (one or two chunks
-// each) and give a block several row tiles only when the matrix is very tall or very deep.
+// Default launch shape, from sweeps (bench/kernels.py --sweep; kernels back to back in a CUDA graph
+// with PDL; up to 8 tokens on an H200, above on an H100): the kernel is latency-bound, so at one token
+// group split K over many warps (one or two chunks each) and give a block several row tiles only when
+// the matrix is very tall or very deep.
 GemmConfig default_config(int m, int ntiles, int nchunks) {
   GemmConfig cfg{};
   if (m <= 8) {
@@ -260,8 +261,14 @@ GemmConfig default_config(int m, int ntiles, int nchunks) {
       cfg.warps = nchunks <= 32 ? 12 : 16;
       cfg.row_tiles_per_block = nchunks >= 48 || ntiles >= 300 ? 2 : 1;
     }
-  } else {  // 16 tokens per block: activation traffic grows with the number of blocks
-    cfg.warps = ntiles < 300 ? 16 : ntiles < 800 ? 8 : 4;
+  } else if (m <= 16) {  // one group of 16 tokens: activation traffic grows with the number of blocks
+    // (H100, M = 16: gate|up 7.84-8.07 us at 8 warps against 8.24-8.95 at 4, in four runs)
+    cfg.warps = ntiles < 300 ? 16 : 8;
+    cfg.row_tiles_per_block = 2;
+  } else {  // several token groups fill the GPU already: fewer warps per block, fewer for deep or tall
+    // matrices from 33 tokens (H100, M = 32 / 64, against 16 warps before: qkv 4.77 / 7.81 us against
+    // 5.86 / 11.21, down 7.24 / 12.03 against 8.45 / 12.74, gate|up 22.57 at M = 64 against 25.20)
+    cfg.warps = m > 32 && (ntiles >= 800 || nchunks >= 48) ? 4 : 8;
     cfg.row_tiles_per_block = 2;
   }
   return cfg;
