@@ -266,8 +266,8 @@ GemmConfig default_config(int m, int ntiles, int nchunks) {
     cfg.warps = ntiles < 300 ? 16 : 8;
     cfg.row_tiles_per_block = 2;
   } else {  // several token groups fill the GPU already: fewer warps per block, fewer for deep or tall
-    // matrices from 33 tokens (H100, M = 32 / 64, against 16 warps before: qkv 4.77 / 7.81 us against
-    // 5.86 / 11.21, down 7.24 / 12.03 against 8.45 / 12.74, gate|up 22.57 at M = 64 against 25.20)
+    // matrices from 33 tokens (H100, M = 32 / 64: qkv 4.77 / 7.81 us against 5.87 / 11.21 at 16 warps,
+    // down 7.24 / 12.03 against 8.45 / 12.74; gate|up 22.57 at M = 64 against 24.56 at 8 warps)
     cfg.warps = m > 32 && (ntiles >= 800 || nchunks >= 48) ? 4 : 8;
     cfg.row_tiles_per_block = 2;
   }
