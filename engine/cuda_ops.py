@@ -123,10 +123,9 @@ class CudaOps(TorchOps):
             return None
         state = model.backend_state
         if "decode_table" not in state:
-            why = kernels.decode_layers_unsupported(model.cfg, 1)
-            state["decode_table"] = None if why else kernels.decode_layer_table(model.layers)
+            unsupported = kernels.decode_layers_unsupported(model.cfg, 1)
+            state["decode_table"] = None if unsupported else kernels.decode_layer_table(model.layers)
             state["decode_barrier"] = torch.zeros(1, dtype=torch.int64, device=self.device)
-            state["decode_unsupported"] = why
         if state["decode_table"] is None:
             return None
         out = kernels.decode_layers(state["decode_table"], model.cfg, x.reshape(b, -1), positions.reshape(-1),
