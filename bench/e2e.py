@@ -265,6 +265,7 @@ def main() -> int:
     llm.generate(prompts(1, 64, cfg.vocab_size, 64), SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))
     s = llm.last_stats
     record("decode, batch 1, eager (no graphs)", (s.generated_tokens - 1) / s.decode_seconds, 64 + 16)
+    record("prefill, 512 tokens, eager (no graphs)", prefill_rate(llm, 512), 512)
     llm.graphs, llm._runtime = None, None
     release_gpu_memory()
 

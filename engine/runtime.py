@@ -16,7 +16,8 @@ A step does, in this order:
    to a common length, go through the model together, in chunks of `prefill_chunk` positions
    (one chunk per step, so running requests keep decoding between chunks of a long prompt).
    Each row's first token is sampled from the logits at its own last prompt position, all of
-   them with one host synchronization;
+   them with one host synchronization. On a GPU a lone prompt's first chunk is a CUDA graph
+   replay (engine.graphs.PrefillGraphs); other chunks and groups run eagerly;
 3. launch the next decode step for every request that goes on (a CUDA graph replay on a GPU,
    engine.graphs; eager on the CPU). Its tokens are collected by the next step, so
 4. the host's bookkeeping of this step's tokens (detokenizing, stop strings, the events
@@ -110,10 +111,12 @@ class Runtime:
         self.prefill_seconds = self.decode_seconds = 0.0
         if graphs is None:
             graphs = self.device.type == "cuda"
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if graphs:
-            from .graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(model, self.cache, max_batch)
+            from .graphs import DecodeGraphs, PrefillGraphs
+            pool = torch.cuda.graph_pool_handle()   # one memory pool: graphs replay one at a time
+            self.graphs = DecodeGraphs(model, self.cache, max_batch, pool)
+            self.prefill_graphs = PrefillGraphs(model, self.cache, prefill_chunk, pool)
         if self.device.type == "cuda":   # where sampled tokens land; one buffer per kind of step
             self._pinned = torch.empty(2, max_batch, dtype=torch.long, pin_memory=True)
             self._copied = [torch.cuda.Event(), torch.cuda.Event()]
@@ -244,8 +247,23 @@ class Runtime:
         start = self._prefill_at
         rows = [r for r in self.prefilling if len(r.prompt) > start]
         end = min(start + self.prefill_chunk, len(rows[-1].prompt))
-        t, b, dev = end - start, len(rows), self.device
         done = sum(len(r.prompt) <= end for r in rows)   # rows whose prompt ends in this chunk
+        logits = None
+        if self.prefill_graphs is not None and len(rows) == 1 and start == 0:   # one prompt's first chunk
+            logits = self.prefill_graphs.run(rows[0].prompt[:end], rows[0].slot)
+        if logits is None:
+            logits = self._prefill_forward(rows, start, end)
+        logits = logits[:done]
+        tokens = self._host(self._pick(rows[:done], logits, logits.argmax(dim=-1), 1)) if done else []
+        self._prefill_at = end
+        finished, self.prefilling = rows[:done], rows[done:]
+        self.running += finished
+        return list(zip(finished, tokens))
+
+    def _prefill_forward(self, rows: list[Request], start: int, end: int) -> torch.Tensor:
+        """The eager forward of positions start..end-1 of the rows' prompts: logits [rows, V] at each
+        row's last position in the chunk."""
+        t, b = end - start, len(rows)
         flat = array.array("q")
         for r in rows:   # right-padded token ids, then the slots, then each row's last position
             piece = r.prompt[start:end]
@@ -253,15 +271,10 @@ class Runtime:
             flat.extend(itertools.repeat(0, t - len(piece)))
         flat.extend(r.slot for r in rows)
         flat.extend(min(len(r.prompt), end) - 1 - start for r in rows)
-        inputs = torch.frombuffer(flat, dtype=torch.long).to(dev)
+        inputs = torch.frombuffer(flat, dtype=torch.long).to(self.device)
         ids, slots, last = inputs[:b * t].view(b, t), inputs[b * t:b * t + b], inputs[b * t + b:]
-        positions = torch.arange(start, end, device=dev).repeat(b, 1)
-        logits = self.model.forward(ids, positions, self.cache, slots, span=end, last=last)[:done]
-        tokens = self._host(self._pick(rows[:done], logits, logits.argmax(dim=-1), 1)) if done else []
-        self._prefill_at = end
-        finished, self.prefilling = rows[:done], rows[done:]
-        self.running += finished
-        return list(zip(finished, tokens))
+        positions = torch.arange(start, end, device=self.device).repeat(b, 1)
+        return self.model.forward(ids, positions, self.cache, slots, span=end, last=last)
 
     # ---- decode -----------------------------------------------------------------------------
     def _launch_decode(self, rows: list[Request]) -> object:

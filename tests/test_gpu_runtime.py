@@ -86,6 +86,25 @@ def test_graph_runtime_uses_graphs_and_reads_device_lengths(models):
                                                                           ignore_eos=True))[0].token_ids
 
 
+def test_prefill_graphs_pad_prompts_to_their_bucket(models):
+    """A lone prompt's first chunk replays a graph of its length rounded up to 64 positions (capped
+    by the cache): prompts just under, at and past a bucket's end, and one that takes the cap,
+    give the CPU reference's tokens; the graphs captured are the buckets those lengths need."""
+    from engine.runtime import Runtime
+
+    llm = models["graphs"]
+    rt = Runtime(llm.model, llm.tokenizer, llm.end_ids, max_batch=1, max_len=100)
+    params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    for n in (5, 64, 65, 79):
+        prompt = [(7 * i + 3 * n) % 250 + 3 for i in range(n)]
+        req = rt.add(prompt, params)
+        while rt.has_work:
+            rt.step()
+        assert req.output == models["cpu"].generate([prompt], params)[0].token_ids, n
+    assert sorted(rt.prefill_graphs.graphs) == [64, 100]
+    assert rt.prefill_graphs.length_for(101) is None   # past the cache: eager (and refused by add)
+
+
 def test_chunked_prefill_gives_the_same_tokens(models):
     from engine.runtime import Runtime
 
