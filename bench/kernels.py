@@ -8,7 +8,8 @@ floor is the bytes a launch must move (packed weights + int8 activations + bf16 
 device-to-device copy bandwidth measured at the start of this run (bench/timing.py).
 Prefill rows (the 2B-4T shapes at M = 512 and 2048 tokens, the large-M kernel) report int8 TOPS
 (2 M N K / time) against torch bf16 matmul's TFLOPS on the same shape; --sweep adds every large-M
-tile and both kernels around the small/large dispatch threshold.
+tile and K split (clusters of 1-4 blocks) and both kernels around the small/large dispatch threshold;
+--prefill-only --prefill-ms 512,1024 times only those rows.
 
     python bench/kernels.py [--json results.json] [--sweep]
 """
@@ -128,17 +129,19 @@ def bench_prefill(n: int, k: int, ms, sweep: bool) -> list[dict]:
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
 
-        def ours(i, kernel="auto", tile=0):
-            kernels.gemm(x_q, x_s, copies[i % len(copies)], n, k, [n], [1.0], out=out, kernel=kernel, large_tile=tile)
+        def ours(i, kernel="auto", tile=0, splits=0):
+            kernels.gemm(x_q, x_s, copies[i % len(copies)], n, k, [n], [1.0], out=out, kernel=kernel, large_tile=tile,
+                         large_splits=splits)
 
         us = time_graph(ours, len(copies))
         torch_us = time_graph(lambda i: torch.mm(x, bf16_copies[i % len(bf16_copies)].t(), out=y), len(bf16_copies))
         ops = 2.0 * m * n * k
         row = {"n": n, "k": k, "m": m, "ours_us": us, "torch_bf16_us": torch_us,
                "ours_tops": ops / us * 1e-6, "torch_bf16_tflops": ops / torch_us * 1e-6}
-        if sweep:  # every large-M tile, and the small-M kernel
-            timed = {f"large_tile={t}": time_graph(lambda i, t=t: ours(i, "large", t), len(copies))
-                     for t in kernels.LARGE_TILES}
+        if sweep:  # every large-M tile and split, and the small-M kernel
+            splits = kernels.LARGE_SPLITS if torch.cuda.get_device_capability()[0] >= 9 else (1,)
+            timed = {f"tile {t} x{s}": time_graph(lambda i, t=t, s=s: ours(i, "large", t, s), len(copies))
+                     for t, s in itertools.product(kernels.LARGE_TILES, splits)}
             timed["small"] = time_graph(lambda i: ours(i, "small"), len(copies))
             row["sweep_us"] = timed
         rows.append(row)
@@ -213,8 +216,12 @@ def main() -> int:
     parser.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated token counts of the GEMV rows")
     parser.add_argument("--gemv-only", action="store_true", help="only the GEMV rows and layers (no prefill, "
                         "quantization or attention rows)")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill (large-M) rows")
+    parser.add_argument("--prefill-ms", default=",".join(map(str, PREFILL_MS)),
+                        help="comma-separated token counts of the prefill rows")
     args = parser.parse_args()
-    ms = tuple(int(m) for m in args.ms.split(","))
+    ms = () if args.prefill_only else tuple(int(m) for m in args.ms.split(","))
+    prefill_ms = tuple(int(m) for m in args.prefill_ms.split(","))
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -261,8 +268,8 @@ def main() -> int:
     prefill, crossover = [], []
     for name, n, k in shapes:
         if name in LAYER_2B4T and not args.gemv_only:
-            prefill += [{"shape": name, **row} for row in bench_prefill(n, k, PREFILL_MS, args.sweep)]
-            if args.sweep:
+            prefill += [{"shape": name, **row} for row in bench_prefill(n, k, prefill_ms, args.sweep)]
+            if args.sweep and not args.prefill_only:
                 crossover += [{"shape": name, **row} for row in bench_crossover(n, k)]
     if prefill:
         print(f"\nW2A8 GEMM, prefill (large-M kernel), median us per launch on {gpu}")
@@ -271,18 +278,19 @@ def main() -> int:
         for r in prefill:
             print(f"{r['shape']:<11} {r['n']:>5} x {r['k']:<5} {r['m']:>5} {r['ours_us']:>9.2f} {r['torch_bf16_us']:>9.2f} "
                   f"{r['ours_tops']:>10.1f} {r['torch_bf16_tflops']:>12.1f} {r['torch_bf16_us'] / r['ours_us']:>7.2f}x"
-                  + ("  " + ", ".join(f"{c} {t:.2f}" for c, t in r["sweep_us"].items()) if "sweep_us" in r else ""))
+                  + ("  " + ", ".join(f"{c} {t:.2f}" for c, t in sorted(r["sweep_us"].items(), key=lambda kv: kv[1]))
+                     if "sweep_us" in r else ""))
     if crossover:
         print("\nsmall-M vs large-M kernel (us) around the dispatch threshold")
         for r in crossover:
             print(f"  {r['shape']:<9} M={r['m']:<4} small {r['small_us']:8.2f}  large {r['large_us']:8.2f}")
 
-    quant = [] if args.gemv_only else bench_quantize(bandwidth)
+    quant = [] if args.gemv_only or args.prefill_only else bench_quantize(bandwidth)
     if quant:
         print("\nactivation quantization (RMSNorm fused), median us")
     for r in quant:
         print(f"  {r['op']} M={r['m']:<3} K={r['k']:<5} {r['us']:6.2f} us (floor {r['floor_us']:.2f})")
-    attention = [] if args.gemv_only else bench_decode_attention(bandwidth)
+    attention = [] if args.gemv_only or args.prefill_only else bench_decode_attention(bandwidth)
     if attention:
         print("\ndecode attention, 2B-4T heads (20 q / 5 kv x 128, bf16), full context, median us")
     for r in attention:

@@ -152,7 +152,7 @@ std::pair<Tensor, Tensor> gemm_output(const Tensor& like, int64_t m, int64_t n, 
 Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t n, int64_t k,
             const std::vector<int64_t>& segment_ends, const std::vector<double>& segment_scales,
             const std::optional<Tensor>& residual, torch::ScalarType out_dtype, const std::optional<Tensor>& out,
-            int64_t row_tiles_per_block, int64_t warps, int64_t kernel, int64_t large_tile) {
+            int64_t row_tiles_per_block, int64_t warps, int64_t kernel, int64_t large_tile, int64_t large_splits) {
   check_2d_cuda(x_q, "x_q");
   TORCH_CHECK(x_q.scalar_type() == torch::kInt8, "x_q must be int8");
   const int64_t m = x_q.size(0);
@@ -173,8 +173,10 @@ Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64
   auto [y, res] = gemm_output(x_q, m, n, out_dtype, residual, out);
   TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel must be 0 (auto), 1 (small-M) or 2 (large-M), got ", kernel);
   TORCH_CHECK(large_tile >= 0 && large_tile <= 3, "large_tile must be 0 (auto) or 1..3, got ", large_tile);
+  TORCH_CHECK(large_splits >= 0 && large_splits <= bitnet::kMaxSplits, "large_splits must be 0 (auto) or 1..",
+              bitnet::kMaxSplits, ", got ", large_splits);
   bitnet::GemmConfig cfg{static_cast<int>(row_tiles_per_block), static_cast<int>(warps), static_cast<int>(kernel),
-                         static_cast<int>(large_tile)};
+                         static_cast<int>(large_tile), static_cast<int>(large_splits)};
   check_cuda(bitnet::w2a8_gemm(x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), m,
                                reinterpret_cast<const uint32_t*>(tiled.data_ptr<int>()), n, k, seg,
                                res.defined() ? res.data_ptr() : nullptr, y.data_ptr(), dtype, cfg,
@@ -472,6 +474,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "W2A8 GEMM with the dequantizing epilogue", py::arg("x_q"), py::arg("x_scale"), py::arg("tiled"),
         py::arg("n"), py::arg("k"), py::arg("segment_ends"), py::arg("segment_scales"), py::arg("residual") = py::none(),
         py::arg("out_dtype") = torch::kBFloat16, py::arg("out") = py::none(), py::arg("row_tiles_per_block") = 0,
-        py::arg("warps") = 0, py::arg("kernel") = 0, py::arg("large_tile") = 0);
+        py::arg("warps") = 0, py::arg("kernel") = 0, py::arg("large_tile") = 0,
+        py::arg("large_splits") = 0);
 
 }

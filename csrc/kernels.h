@@ -28,7 +28,9 @@ struct GemmConfig {
   int warps;                // small-M kernel: 1..16, split the K dimension
   int kernel;               // 0 auto (by m), 1 small-M (w2a8_gemm.cu), 2 large-M (w2a8_gemm_large.cu)
   int large_tile;           // large-M block tile (tokens x rows): 1 128x256, 2 128x128, 3 64x128
+  int large_splits;         // large-M: blocks (a cluster) sharing each tile's K, 1..kMaxSplits
 };
+constexpr int kMaxSplits = 4;
 
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -45,10 +47,10 @@ cudaError_t w2a8_gemm(const int8_t* x_q, const float* x_scale, int m, const uint
                       GemmConfig config, cudaStream_t stream);
 
 // The same for many tokens (prefill), on shared-memory tiles; w2a8_gemm sends it large m.
-// tile: 0 auto, else GemmConfig::large_tile.
+// tile, splits: 0 auto, else GemmConfig::large_tile, large_splits.
 cudaError_t w2a8_gemm_large(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
                             const Segments& segments, const void* residual, void* out, DType out_dtype, int tile,
-                            cudaStream_t stream);
+                            int splits, cudaStream_t stream);
 
 // x [m, k] (fp32 or bf16) -> x_q int8 [m, k_stride] (zero padded), scale fp32 [m]:
 // scale = 127 * (1 / max(|x|, 1e-5)) (torch's 127 / t), x_q = clamp(rint(x * scale), -128, 127).

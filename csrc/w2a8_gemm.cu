@@ -309,7 +309,7 @@ cudaError_t w2a8_gemm(const int8_t* x_q, const float* x_scale, int m, const uint
   if (config.kernel < 0 || config.kernel > 2) return cudaErrorInvalidValue;
   if (config.kernel == 2 || (config.kernel == 0 && m > kLargeMThreshold))
     return w2a8_gemm_large(x_q, x_scale, m, tiled, n, k, segments, residual, out, out_dtype, config.large_tile,
-                           stream);
+                           config.large_splits, stream);
   switch (out_dtype) {
     case DType::kInt32:
       return dispatch<int>(x_q, x_scale, m, tiled, n, k, segments, residual, out, config, stream);

@@ -23,12 +23,19 @@
 // sums by shuffles; then two tokens at a time: residual loads first, acc * scale / x_scale with an
 // exact division that keeps the reciprocal per token (fast_divide), one rounding, direct stores.
 //
+// Split K over a thread-block cluster (gridDim.z = cluster size, 2-4): a problem of few block tiles
+// (o and down at 512 tokens: 40 tiles of 128 x 256 for 132 SMs) gives each tile's chunks to the
+// blocks of a cluster. Each block stages its exact int32 partials in its own shared memory, then the
+// block whose rank is warp % splits adds the other blocks' partials of that warp's sub-tile through
+// distributed shared memory and runs the epilogue for it: integer sums, so any split is bit-exact.
+//
 // PDL: the weights of the first stages are requested before waiting for the previous kernel
 // (whose output is x); the activations, x_scale and the residual are read after the wait.
 
 #include <cuda_bf16.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -55,6 +62,9 @@ struct Tile {
   static constexpr int kStageX = Tokens * kChunkK;              // bytes of activations per stage
   static constexpr int kStageW = Rows / kTileRows * kTileBytes;  // bytes of weights per stage
   static constexpr int kSmem = Stages * (kStageX + kStageW);
+  static constexpr int kAccPerLane = kRowTiles * kTokenGroups * 4;       // int32 accumulators per lane
+  static constexpr int kPartialBytes = kThreads * kAccPerLane * 4;        // a block's partials (split K)
+  static constexpr int kSmemSplit = kSmem > kPartialBytes ? kSmem : kPartialBytes;
   // cp.async work per thread and stage: whole rows of 8 pieces, whole tiles of 32 pieces
   static constexpr int kLoadsX = Tokens * kPieces / kThreads, kLoadsW = kStageW / 16 / kThreads;
   static_assert(kWarpTokens % 8 == 0 && kWarpRows % kTileRows == 0, "warp tiles are whole MMA tiles");
@@ -63,8 +73,8 @@ struct Tile {
 };
 
 // The shapes w2a8_gemm_large can run (GemmConfig::large_tile = index + 1). 128 x 256 moves the
-// fewest L2 bytes per MMA (weights are 4x cheaper than activations per element); the smaller ones
-// exist for the wave quantization of short or narrow problems.
+// fewest L2 bytes per MMA (weights are 4x cheaper than activations per element), but on an H100 the
+// 64 x 128 tile, three blocks per SM, is the fastest on every 2B-4T shape (kTileEfficiency).
 using TileWide = Tile<128, 256, 2, 4, 4, 1>;    // 8 warps of 64 x 64, 96 KB, 1 block / SM
 using TileSquare = Tile<128, 128, 2, 2, 4, 2>;  // 4 warps of 64 x 64, 80 KB, 2 blocks / SM
 using TileSmall = Tile<64, 128, 2, 2, 4, 3>;    // 4 warps of 32 x 64, 48 KB, 3 blocks / SM
@@ -81,6 +91,28 @@ template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 }
+
+// Thread-block cluster (sm_90+; never launched split elsewhere): barrier (the arrive releases this
+// thread's shared writes, the wait acquires the others') and loads from a peer block's shared
+// memory at the address of ours.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory"); }
+__device__ __forceinline__ uint4 load_peer_shared(uint32_t local_addr, int rank) {
+  uint32_t peer;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(peer) : "r"(local_addr), "r"(rank));
+  uint4 v;
+  asm volatile("ld.shared::cluster.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(peer)
+               : "memory");
+  return v;
+}
+#else
+__device__ __forceinline__ void cluster_arrive() { __trap(); }
+__device__ __forceinline__ void cluster_wait() { __trap(); }
+__device__ __forceinline__ uint4 load_peer_shared(uint32_t, int) { __trap(); return {}; }
+#endif
 
 // IEEE division a / b (what __fdiv_rn returns) without a reciprocal per element. The sequence is
 // the fast path ptxas expands div.rn.f32 into: r = rcp.approx(b) refined by one Newton step, then
@@ -165,16 +197,20 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
   const int tok0 = blockIdx.y * T::kTokens;
   const int tile0 = blockIdx.x * (T::kRows / kTileRows);
   const StageLoader<T> loader(x_q, m, k_stride, tok0, w, ntiles, nchunks, tile0);
+  // this block's chunks: all of them, or its share of a split (blockIdx.z = rank in the cluster)
+  const int splits = gridDim.z, split = blockIdx.z;
+  const int c_begin = (int)((long long)nchunks * split / splits);
+  const int c_end = (int)((long long)nchunks * (split + 1) / splits);
 
   allow_next_kernel();
   // prologue: the weights of the first S - 1 chunks do not depend on the previous kernel
 #pragma unroll
   for (int s = 0; s < S - 1; ++s)
-    if (s < nchunks) loader.weights(stage_w_addr + s * T::kStageW, s, w);
+    if (c_begin + s < c_end) loader.weights(stage_w_addr + s * T::kStageW, c_begin + s, w);
   wait_for_previous_kernel();
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < nchunks) loader.activations(stage_x_addr + s * T::kStageX, s, x_q);
+    if (c_begin + s < c_end) loader.activations(stage_x_addr + s * T::kStageX, c_begin + s, x_q);
     cp_async_commit();  // group s: chunk s (group 0 also holds all prologue weights)
   }
 
@@ -190,11 +226,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
   for (int j = 0; j < TG; ++j) xsum[j] = 0;
 
   int read_slot = 0, write_slot = S - 1;
-  for (int c = 0; c < nchunks; ++c) {
+  for (int c = c_begin; c < c_end; ++c) {
     cp_async_wait<S - 2>();  // chunk c has landed (for this thread) ...
     __syncthreads();         // ... for every thread, and everyone is done with chunk c - 1's slot
     const int next = c + S - 1;
-    if (next < nchunks) {
+    if (next < c_end) {
       loader.weights(stage_w_addr + write_slot * T::kStageW, next, w);
       loader.activations(stage_x_addr + write_slot * T::kStageX, next, x_q);
     }
@@ -239,14 +275,47 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
   }
   cp_async_wait<0>();  // only empty groups remain; nothing may be in flight at exit
 
-  // token sums: lanes 4g .. 4g+3 hold the parts of token g; this lane needs tokens 2q and 2q + 1
-  int token_sum[TG][2];
+  // token sums: lanes 4g .. 4g+3 hold the parts of token g; this lane needs tokens 2q and 2q + 1.
+  // Subtracted now: acc becomes sum_k w * x over this block's chunks.
 #pragma unroll
   for (int j = 0; j < TG; ++j) {
     xsum[j] += __shfl_xor_sync(0xffffffffu, xsum[j], 1);
     xsum[j] += __shfl_xor_sync(0xffffffffu, xsum[j], 2);
-    token_sum[j][0] = __shfl_sync(0xffffffffu, xsum[j], 8 * q);
-    token_sum[j][1] = __shfl_sync(0xffffffffu, xsum[j], 8 * q + 4);
+    const int token_sum[2] = {__shfl_sync(0xffffffffu, xsum[j], 8 * q), __shfl_sync(0xffffffffu, xsum[j], 8 * q + 4)};
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][j][e] -= token_sum[e & 1];
+  }
+
+  if (splits > 1) {  // add the cluster's partials; this block finishes the warps of its rank
+    static_assert(T::kAccPerLane % 4 == 0, "partials move as 16-byte vectors");
+    int* flat = &acc[0][0][0];
+    __syncthreads();  // every warp is done reading the stage buffers that the partials overwrite
+    // [kAccPerLane / 4][kThreads] 16-byte vectors: a warp's loads and stores are contiguous
+    uint4* staged = reinterpret_cast<uint4*>(smem) + threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < T::kAccPerLane / 4; ++i)
+      staged[i * T::kThreads] = make_uint4(flat[4 * i], flat[4 * i + 1], flat[4 * i + 2], flat[4 * i + 3]);
+    cluster_arrive();
+    cluster_wait();
+    const bool mine = warp % splits == split;
+    if (mine) {
+      const uint32_t staged_addr = static_cast<uint32_t>(__cvta_generic_to_shared(staged));
+      for (int peer = 0; peer < splits; ++peer) {
+        if (peer == split) continue;
+#pragma unroll
+        for (int i = 0; i < T::kAccPerLane / 4; ++i) {
+          const uint4 v = load_peer_shared(staged_addr + 16 * i * T::kThreads, peer);
+          flat[4 * i] += (int)v.x, flat[4 * i + 1] += (int)v.y, flat[4 * i + 2] += (int)v.z, flat[4 * i + 3] += (int)v.w;
+        }
+      }
+    }
+    cluster_arrive();  // done reading the peers' shared memory; they may exit once all have arrived
+    if (!mine) {
+      cluster_wait();
+      return;
+    }
   }
 
   // acc[r][j][2e + t]: row 16r + 8e + g, token 8j + 2q + t of the warp tile
@@ -264,7 +333,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int row = row0 + 16 * r + 8 * e;
-            if (row < n) out[(size_t)tok * n + row] = acc[r][j][2 * e + t] - token_sum[j][t];
+            if (row < n) out[(size_t)tok * n + row] = acc[r][j][2 * e + t];
           }
       }
   } else {
@@ -298,7 +367,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
           for (int e = 0; e < 2; ++e) {
             res[t][r][e] = residual != nullptr && tok_inside[t] && row_inside[r][e] ? to_float(ldcg_ordered(res_row + 16 * r + 8 * e)) : 0.0f;
             // the reference: (acc * w_scale) / x_scale (+ residual), each step IEEE-rounded fp32
-            y[t][r][e] = __fmul_rn(static_cast<float>(acc[r][j][2 * e + t] - token_sum[j][t]), row_scale[r][e]);
+            y[t][r][e] = __fmul_rn(static_cast<float>(acc[r][j][2 * e + t]), row_scale[r][e]);
             smallest = fminf(smallest, fabsf(y[t][r][e]));
             largest = fmaxf(largest, fabsf(y[t][r][e]));
           }
@@ -331,44 +400,73 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
       }
     }
   }
+  if (splits > 1) cluster_wait();  // no block leaves while a peer may still read its partials
 }
 
 template <class T, typename Out>
 cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
-                   const Segments& seg, const void* residual, void* out, cudaStream_t stream) {
+                   const Segments& seg, const void* residual, void* out, int splits, cudaStream_t stream) {
   const int ntiles = ceil_div(n, kTileRows), nchunks = ceil_div(k, kChunkK);
-  const dim3 grid(ceil_div(n, T::kRows), ceil_div(m, T::kTokens));
-  return launch_pdl(large_gemm_kernel<T, Out>, grid, dim3(T::kThreads), T::kSmem, stream, x_q, x_scale, m,
-                    nchunks * kChunkK, reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
-                    static_cast<const Out*>(residual), static_cast<Out*>(out));
+  const dim3 grid(ceil_div(n, T::kRows), ceil_div(m, T::kTokens), splits);
+  return launch_pdl_cluster(large_gemm_kernel<T, Out>, grid, dim3(T::kThreads), splits > 1 ? T::kSmemSplit : T::kSmem,
+                            stream, dim3(1, 1, splits), x_q, x_scale, m, nchunks * kChunkK,
+                            reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
+                            static_cast<const Out*>(residual), static_cast<Out*>(out));
 }
 
 constexpr int kMaxDevices = 64;
 
-// Blocks of this kernel that fit on one SM of `device`; the first call per device also raises the
-// kernel's dynamic shared memory limit past the default 48 KB (no stream work: capture-safe).
-// Cached per device.
+// Blocks of this kernel resident at once on the whole of `device`: alone (splits = 1: SMs x blocks
+// per SM) or in clusters of `splits` blocks (what fits the GPCs). The first call per device also
+// raises the kernel's dynamic shared memory limit past the default 48 KB (no stream work:
+// capture-safe). Cached per device; 0 where the tile does not fit.
 template <class T, typename Out>
-int blocks_per_sm(int device) {
-  static std::atomic<int> cached[kMaxDevices];  // zero: not known yet
-  if (device >= 0 && device < kMaxDevices && cached[device].load() > 0) return cached[device].load();
-  int blocks = 0;
-  if (cudaFuncSetAttribute(large_gemm_kernel<T, Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmem) !=
-          cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, large_gemm_kernel<T, Out>, T::kThreads, T::kSmem) !=
-          cudaSuccess) {
+int resident_blocks(int device, int splits) {
+  static std::atomic<int> cached[kMaxDevices][kMaxSplits + 1];  // zero: not known yet
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable && cached[device][splits].load() > 0) return cached[device][splits].load();
+  const auto kernel = large_gemm_kernel<T, Out>;
+  int per_sm = 0, sms = 0, resident = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemSplit) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     cudaGetLastError();  // not sticky: clear it, the tile is just unavailable
     return 0;
   }
-  if (device >= 0 && device < kMaxDevices && blocks > 0) cached[device].store(blocks);
-  return blocks;
+  if (splits == 1) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::kThreads, T::kSmem) == cudaSuccess)
+      resident = per_sm * sms;
+  } else {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(1, 1, splits);
+    config.blockDim = dim3(T::kThreads);
+    config.dynamicSmemBytes = T::kSmemSplit;
+    cudaLaunchAttribute cluster[1];
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim.x = 1, cluster[0].val.clusterDim.y = 1, cluster[0].val.clusterDim.z = splits;
+    config.attrs = cluster;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess) resident = clusters * splits;
+  }
+  if (resident <= 0) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (cacheable) cached[device][splits].store(resident);
+  return resident;
 }
 
-// Relative MMA efficiency of each tile shape when an SM holds at least 8 warps (guesses from the
-// instruction mix: the 32 x 64 warp tile decodes twice the weights per MMA). Tune on the GPU with
-// bench/kernels.py --sweep.
-constexpr double kTileEfficiency[kTileCount] = {1.0, 0.95, 0.85};
+// Relative throughput of each tile shape when an SM holds at least 8 warps, fitted to H100 sweeps
+// (bench/kernels.py --prefill-only --sweep): at 2,048 tokens, where waves are many, three 64 x 128
+// blocks per SM beat one 128 x 256 block by 1.09-1.17x and two 128 x 128 blocks by 1.08-1.12x,
+// although their warps decode twice the weights per MMA: 12 warps hide more latency than 8.
+constexpr double kTileEfficiency[kTileCount] = {0.89, 0.93, 1.0};
 constexpr double kFewWarpsEfficiency = 0.75;  // under 8 warps per SM: one warp per scheduler hides little
+// A block's fixed costs in units of one chunk's main-loop time: filling the pipeline and the
+// epilogue; and, per peer of a split, staging and adding partials through the cluster (fitted to
+// the same sweeps: splits of 2 pay at 512 tokens for o and down and at 1,024 for down, 3 and 4 nowhere)
+constexpr double kBlockOverheadChunks = 2.0;
+constexpr double kSplitOverheadChunks = 2.0;
 
 struct TileShape {
   int tokens, rows, warps;
@@ -377,47 +475,66 @@ constexpr TileShape kShapes[kTileCount] = {{TileWide::kTokens, TileWide::kRows, 
                                            {TileSquare::kTokens, TileSquare::kRows, TileSquare::kThreads / 32},
                                            {TileSmall::kTokens, TileSmall::kRows, TileSmall::kThreads / 32}};
 
-// The auto tile: the least estimated time = blocks on the busiest SM x work per block / efficiency.
-// Wave quantization dominates the choice (2560 rows x 2048 tokens is 160 wide tiles on 132 SMs).
-int choose_tile(int m, int n, int sms, const int (&occupancy)[kTileCount]) {
-  int best = 0;
+struct Choice {
+  int tile, splits;  // tile 0: none fits
+};
+
+// The least estimated time = blocks on the busiest SM x work per block / efficiency. Wave
+// quantization dominates the choice (2560 rows x 2048 tokens is 160 wide tiles on 132 SMs), and few
+// tiles (2560 rows x 512 tokens: 40) leave SMs idle unless K is split.
+// resident[t][s]: blocks of tile t + 1 resident on the GPU in clusters of s (0: unavailable);
+// forced_tile / forced_splits: 0 to choose.
+Choice choose(int m, int n, int nchunks, const int (&resident)[kTileCount][kMaxSplits + 1],
+              const int (&per_sm)[kTileCount], int forced_tile, int forced_splits) {
+  Choice best{0, 1};
   double best_cost = 0;
   for (int t = 0; t < kTileCount; ++t) {
-    if (occupancy[t] < 1) continue;
-    const TileShape& s = kShapes[t];
-    const long long blocks = (long long)ceil_div(m, s.tokens) * ceil_div(n, s.rows);
-    const long long per_sm = (blocks + sms - 1) / sms;
-    const long long concurrent = per_sm < occupancy[t] ? per_sm : occupancy[t];
-    const double efficiency = kTileEfficiency[t] * (concurrent * s.warps >= 8 ? 1.0 : kFewWarpsEfficiency);
-    const double cost = (double)per_sm * s.tokens * s.rows / efficiency;
-    if (best == 0 || cost < best_cost) best = t + 1, best_cost = cost;
+    if (forced_tile != 0 && forced_tile != t + 1) continue;
+    for (int s = 1; s <= kMaxSplits; ++s) {
+      if ((forced_splits != 0 && forced_splits != s) || (forced_splits == 0 && s > nchunks)) continue;
+      if (resident[t][s] < 1 || per_sm[t] < 1) continue;
+      const TileShape& shape = kShapes[t];
+      const long long blocks = (long long)ceil_div(m, shape.tokens) * ceil_div(n, shape.rows) * s;
+      const double sms = (double)resident[t][s] / per_sm[t];  // SMs that clusters of s can use
+      const long long busiest = (long long)std::ceil(blocks / sms);
+      const long long concurrent = busiest < per_sm[t] ? busiest : per_sm[t];
+      const double efficiency = kTileEfficiency[t] * (concurrent * shape.warps >= 8 ? 1.0 : kFewWarpsEfficiency);
+      const double chunks = ceil_div(nchunks, s) + kBlockOverheadChunks + (s - 1) * kSplitOverheadChunks;
+      const double cost = (double)busiest * shape.tokens * shape.rows * chunks / efficiency;
+      if (best.tile == 0 || cost < best_cost) best = {t + 1, s}, best_cost = cost;
+    }
   }
   return best;
 }
 
+template <class T, typename Out>
+void residency(int device, int (&resident)[kMaxSplits + 1], int& per_sm) {
+  for (int s = 1; s <= kMaxSplits; ++s) resident[s] = resident_blocks<T, Out>(device, s);
+  per_sm = 0;
+  if (resident[1] > 0) {
+    int sms = 1;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    per_sm = resident[1] / sms;
+  }
+}
+
 template <typename Out>
 cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
-                     const Segments& seg, const void* residual, void* out, int tile, cudaStream_t stream) {
+                     const Segments& seg, const void* residual, void* out, int tile, int splits,
+                     cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const int occupancy[kTileCount] = {blocks_per_sm<TileWide, Out>(device), blocks_per_sm<TileSquare, Out>(device),
-                                     blocks_per_sm<TileSmall, Out>(device)};
-  if (tile == 0) {
-    static std::atomic<int> sm_count[kMaxDevices];
-    int sms = device < kMaxDevices ? sm_count[device].load() : 0;
-    if (sms == 0) {
-      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      if (err != cudaSuccess) return err;
-      if (device < kMaxDevices) sm_count[device].store(sms);
-    }
-    tile = choose_tile(m, n, sms, occupancy);
-    if (tile == 0) return cudaErrorInvalidConfiguration;  // no tile fits this GPU's shared memory
-  }
-  switch (tile) {
-    case 1: return launch<TileWide, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, stream);
-    case 2: return launch<TileSquare, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, stream);
-    case 3: return launch<TileSmall, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, stream);
+  int resident[kTileCount][kMaxSplits + 1], per_sm[kTileCount];
+  residency<TileWide, Out>(device, resident[0], per_sm[0]);
+  residency<TileSquare, Out>(device, resident[1], per_sm[1]);
+  residency<TileSmall, Out>(device, resident[2], per_sm[2]);
+  const Choice choice = choose(m, n, ceil_div(k, kChunkK), resident, per_sm, tile, splits);
+  if (choice.tile == 0) return cudaErrorInvalidConfiguration;  // no tile (or cluster) fits this GPU
+  switch (choice.tile) {
+    case 1: return launch<TileWide, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, choice.splits, stream);
+    case 2: return launch<TileSquare, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, choice.splits, stream);
+    case 3: return launch<TileSmall, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, choice.splits, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -426,17 +543,17 @@ cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint3
 
 cudaError_t w2a8_gemm_large(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
                             const Segments& segments, const void* residual, void* out, DType out_dtype, int tile,
-                            cudaStream_t stream) {
+                            int splits, cudaStream_t stream) {
   if (m <= 0 || n <= 0 || k <= 0 || segments.count < 1 || segments.count > kMaxSegments || tile < 0 ||
-      tile > kTileCount)
+      tile > kTileCount || splits < 0 || splits > kMaxSplits)
     return cudaErrorInvalidValue;
   switch (out_dtype) {
     case DType::kInt32:
-      return dispatch<int>(x_q, x_scale, m, tiled, n, k, segments, residual, out, tile, stream);
+      return dispatch<int>(x_q, x_scale, m, tiled, n, k, segments, residual, out, tile, splits, stream);
     case DType::kFloat32:
-      return dispatch<float>(x_q, x_scale, m, tiled, n, k, segments, residual, out, tile, stream);
+      return dispatch<float>(x_q, x_scale, m, tiled, n, k, segments, residual, out, tile, splits, stream);
     case DType::kBFloat16:
-      return dispatch<__nv_bfloat16>(x_q, x_scale, m, tiled, n, k, segments, residual, out, tile, stream);
+      return dispatch<__nv_bfloat16>(x_q, x_scale, m, tiled, n, k, segments, residual, out, tile, splits, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -92,21 +92,26 @@ def as_gemm_input(x_q: torch.Tensor) -> torch.Tensor:
 
 GEMM_KERNELS = {"auto": 0, "small": 1, "large": 2}
 LARGE_TILES = {1: (128, 256), 2: (128, 128), 3: (64, 128)}  # large-M block tiles: (tokens, output rows)
+LARGE_SPLITS = (1, 2, 3, 4)   # large-M: blocks (one cluster) sharing each block tile's K
 
 
 def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, k: int,
          segment_ends: list[int], segment_scales: list[float], residual: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
-         row_tiles_per_block: int = 0, warps: int = 0, kernel: str = "auto", large_tile: int = 0) -> torch.Tensor:
+         row_tiles_per_block: int = 0, warps: int = 0, kernel: str = "auto", large_tile: int = 0,
+         large_splits: int = 0) -> torch.Tensor:
     """[m, n] = dequantized x_q [m, k] . W^T (int32 dot products when out_dtype is torch.int32).
 
     kernel: "auto" (by m), "small" (the decode GEMV / small-M kernel: row_tiles_per_block, warps) or
-    "large" (the prefill kernel: large_tile, a key of LARGE_TILES, 0 = by shape). Same numbers from all.
+    "large" (the prefill kernel: large_tile, a key of LARGE_TILES, and large_splits, one of
+    LARGE_SPLITS; 0 = by shape). Same numbers from all.
     """
     if kernel not in GEMM_KERNELS:
         raise ValueError(f"kernel must be one of {list(GEMM_KERNELS)}, got {kernel!r}")
     if large_tile != 0 and large_tile not in LARGE_TILES:
         raise ValueError(f"large_tile must be 0 (by shape) or one of {list(LARGE_TILES)}, got {large_tile!r}")
+    if large_splits != 0 and large_splits not in LARGE_SPLITS:
+        raise ValueError(f"large_splits must be 0 (by shape) or one of {list(LARGE_SPLITS)}, got {large_splits!r}")
     if x_q.dim() != 2 or x_q.dtype != torch.int8:
         raise ValueError(f"x_q must be a 2-D int8 tensor, got {x_q.dtype} {list(x_q.shape)}")
     if x_q.shape[1] != k:
@@ -119,7 +124,7 @@ def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, 
         raise ValueError(f"segments must end at n = {n}, increase, have one scale each, at most 4: {ends}")
     return load().gemm(as_gemm_input(x_q), x_scale.reshape(-1).float().contiguous(), tiled, n, k,
                        list(segment_ends), [float(s) for s in segment_scales], residual, out_dtype, out,
-                       row_tiles_per_block, warps, GEMM_KERNELS[kernel], large_tile)
+                       row_tiles_per_block, warps, GEMM_KERNELS[kernel], large_tile, large_splits)
 
 
 # ---- the decode step ------------------------------------------------------------------------------

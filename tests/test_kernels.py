@@ -114,8 +114,13 @@ def test_dequantized_output_equals_reference_epilogue(k, dtype, n_parts, kk):
 
 # ---- the large-M (prefill) kernel ----------------------------------------------------------------
 LARGE_MS = (17, 63, 64, 65, 100, 128, 129, 512, 1000)
-# (kernel, large_tile) cycled over the token counts: every tile shape meets odd shapes and tails
-LARGE_CONFIGS = [("large", 1), ("large", 2), ("large", 3), ("auto", 0)]
+# K split over clusters of 2-4 blocks needs sm_90; elsewhere only unsplit launches are forced
+SPLITS = (1, 2, 3, 4) if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else (1,)
+# (kernel, large_tile, large_splits) cycled over the token counts: every tile shape and split meets
+# odd shapes and tails (k = 4 and 129: fewer chunks than blocks in a split, whose extra blocks add zeros)
+LARGE_CONFIGS = [("large", 1, 1), ("large", 2, 2), ("large", 3, 3), ("auto", 0, 0), ("large", 1, 4),
+                 ("large", 3, 2), ("large", 2, 4), ("large", 1, 3), ("large", 2, 1), ("large", 3, 4)]
+LARGE_CONFIGS = [c for c in LARGE_CONFIGS if c[2] in SPLITS + (0,)]
 
 
 @pytest.mark.parametrize("n,kk", list(itertools.product((1, 17, 100, 2049, 3840), (4, 129, 255, 2560, 6913))))
@@ -124,10 +129,10 @@ def test_large_m_kernel_int32_is_exact(k, n, kk):
     w = ternary(n, kk, gen)
     tiled = k.repack(pack_ternary(w).cuda(), n, kk)
     for i, m in enumerate(LARGE_MS):
-        kernel, tile = LARGE_CONFIGS[i % len(LARGE_CONFIGS)]
+        kernel, tile, splits = LARGE_CONFIGS[(i + n + kk) % len(LARGE_CONFIGS)]
         x = activations(m, kk, gen)
-        got = gpu_gemm_int32(k, x, w, tiled, kernel=kernel, large_tile=tile)
-        assert torch.equal(got, int_dot(x, w)), f"M={m} kernel={kernel} tile={tile}"
+        got = gpu_gemm_int32(k, x, w, tiled, kernel=kernel, large_tile=tile, large_splits=splits)
+        assert torch.equal(got, int_dot(x, w)), f"M={m} kernel={kernel} tile={tile} splits={splits}"
         assert got[0, 0] == 128 * kk  # the all -1 row against the all -128 token: the largest magnitude
 
 
@@ -136,10 +141,13 @@ def test_large_m_kernel_int32_is_exact_on_2b4t_shapes(k, n, kk):
     gen = torch.Generator().manual_seed(n + kk)
     w = ternary(n, kk, gen)
     tiled = k.repack(pack_ternary(w).cuda(), n, kk)
-    for m, tile in ((512, 1), (512, 2), (512, 3), (2048, 0), (129, 1)):
+    for m, tile, splits in ((512, 1, 1), (512, 2, 1), (512, 3, 1), (2048, 0, 0), (129, 1, 1), (512, 0, 0),
+                            (512, 1, 2), (512, 2, 3), (1024, 1, 4), (129, 3, 4)):
+        if splits not in SPLITS + (0,):
+            continue
         x = activations(m, kk, gen)
-        got = gpu_gemm_int32(k, x, w, tiled, kernel="large", large_tile=tile)
-        assert torch.equal(got, int_dot(x, w)), f"M={m} tile={tile}"
+        got = gpu_gemm_int32(k, x, w, tiled, kernel="large", large_tile=tile, large_splits=splits)
+        assert torch.equal(got, int_dot(x, w)), f"M={m} tile={tile} splits={splits}"
 
 
 @pytest.mark.parametrize("n,kk", [(2560, 2560), (300, 640), (33, 6913)])
@@ -151,8 +159,9 @@ def test_small_and_large_kernels_agree(k, n, kk):
     for m in (17, 64, 65, 100):
         x = activations(m, kk, gen)
         small = gpu_gemm_int32(k, x, w, tiled, kernel="small")
-        for tile in (1, 2, 3):
-            assert torch.equal(gpu_gemm_int32(k, x, w, tiled, kernel="large", large_tile=tile), small), f"M={m} {tile}"
+        for tile, splits in itertools.product((1, 2, 3), SPLITS):
+            got = gpu_gemm_int32(k, x, w, tiled, kernel="large", large_tile=tile, large_splits=splits)
+            assert torch.equal(got, small), f"M={m} tile={tile} splits={splits}"
         x_s = torch.rand(m, generator=gen).cuda() * 100 + 0.5
         bf16 = [k.gemm(x.cuda(), x_s, tiled, n, kk, [n], [0.75], kernel=kernel) for kernel in ("small", "large")]
         assert torch.equal(bf16[0].view(torch.int16), bf16[1].view(torch.int16)), f"M={m}"
@@ -183,7 +192,8 @@ def test_large_m_dequantized_output_equals_reference_epilogue(k, dtype, n_parts,
         expected = ref_ops.bitlinear(x_q, x_s, ref_w, residual=res)
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
         k.gemm(x_q.cuda(), x_s.cuda(), gpu_w.weight, n, kk, ends, gpu_w.scales,
-               res.cuda() if res is not None else None, dtype, out=out, kernel="large", large_tile=1 + i % 3)
+               res.cuda() if res is not None else None, dtype, out=out, kernel="large", large_tile=1 + i % 3,
+               large_splits=SPLITS[i % len(SPLITS)])
         bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
         assert torch.equal(out.cpu().view(bits), expected.view(bits)), f"M={m} residual={with_residual}"
         via_ops = gpu_ops.bitlinear(x_q.cuda(), x_s.cuda(), gpu_w, residual=res.cuda() if res is not None else None)
@@ -198,6 +208,8 @@ def test_gemm_kernel_choice_is_validated(k):
         k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="medium")
     with pytest.raises(ValueError, match="large_tile"):
         k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="large", large_tile=4)
+    with pytest.raises(ValueError, match="large_splits"):
+        k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="large", large_splits=5)
 
 
 def rows_for_quant(m, kk, gen, dtype):
