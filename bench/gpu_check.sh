@@ -42,7 +42,11 @@ if want kernels; then
   run_stage launch-floor launch_floor.log bash -c "nvcc -std=c++17 -O3 -arch=sm_${arch/./} bench/launch_floor.cu \
     -o /tmp/launch_floor && /tmp/launch_floor"
 fi
-want e2e && run_stage e2e e2e.log python3 bench/e2e.py --json "$OUT/e2e.json"
+if want e2e; then
+  run_stage e2e e2e.log python3 bench/e2e.py --json "$OUT/e2e.json"
+  # a prompt's forward eager against replayed from a graph: is prefill waiting for the host?
+  run_stage prefill-host prefill_host.log python3 bench/prefill_host.py
+fi
 if want profile; then
   run_stage profile-b1 profile-b1.log python3 bench/profile_decode.py --batch 1 --context 512
   run_stage profile-b64 profile-b64.log python3 bench/profile_decode.py --batch 64 --context 128
@@ -71,7 +75,7 @@ if want tests; then
   echo "tests:"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30
 fi
-want e2e && { echo "end to end:"; tail -n 20 "$OUT/e2e.log"; }
+want e2e && { echo "end to end:"; tail -n 20 "$OUT/e2e.log"; tail -n 3 "$OUT/prefill_host.log"; }
 want profile && { echo "decode profile (no PDL):"; grep -v Warn "$OUT/profile-b1-nopdl.log" | head -n 16
   tail -n 1 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b64.log"
   echo "one-launch decode kernel (opt-in):"; tail -n 11 "$OUT/profile-b1-fused.log"; }
