@@ -7,12 +7,12 @@ tensor (attention spans 0..position, the KV write lands at position), and their 
 on the cache's shape. A batch smaller than its bucket is padded with copies of its first row,
 which recompute that row and write the same keys and values to the same place.
 
-PrefillGraphs: a single prompt's first chunk (positions 0..T-1), one graph per length bucket (T
-rounded up to a multiple of 64), captured the first time a length needs it. Eager, a 512-token
-prefill of 2B-4T on an H100 spends 10-14 ms issuing its ~400 launches against 8 ms of GPU work;
-replayed, the host issues one. The padding tokens come after the prompt: causal attention keeps
-them out of the prompt's own positions, and the cache entries they write past the prompt are
-written again by the decode steps before anything reads them.
+PrefillGraphs: the chunks of a single prompt, one graph per (first position, length rounded up to
+a multiple of 64), captured the first time a chunk needs it. Eager, a 512-token prefill of 2B-4T
+on an H100 spends 10-14 ms issuing its ~400 launches against 8 ms of GPU work; replayed, the host
+issues one. The padding tokens come after the chunk: causal attention keeps them out of the real
+positions, and the cache entries they write past the prompt are written again by the decode steps
+before anything reads them.
 """
 
 import array
@@ -79,32 +79,34 @@ class DecodeGraphs:
 
 
 class PrefillGraphs:
-    STEP = 64   # prompt lengths are padded up to a multiple of this (at most 63 wasted positions)
+    STEP = 64   # chunk lengths are padded up to a multiple of this (at most 63 wasted positions)
 
     def __init__(self, model: BitNetModel, cache: KVCache, max_tokens: int, pool):
-        """Graphs for prompts (first chunks) of up to max_tokens positions, at most the cache's length."""
+        """Graphs for one prompt's chunks of up to max_tokens positions, within the cache's length."""
         self.model, self.cache, self.pool = model, cache, pool
         self.max_tokens = min(max_tokens, cache.max_len)
-        # [slot, last, ids...]: one copy from the host per prompt; each graph reads a prefix of the ids
+        # [slot, last, ids...]: one copy from the host per chunk; each graph reads a prefix of the ids
         self.inputs = torch.zeros(2 + self.max_tokens, dtype=torch.long, device=model.ops.device)
-        self.positions = torch.arange(self.max_tokens, device=model.ops.device)[None]
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.positions = torch.arange(cache.max_len, device=model.ops.device)[None]
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def length_for(self, n: int) -> int | None:
-        """The padded length a prompt chunk of n positions runs at, or None if no graph takes it."""
-        if not 1 <= n <= self.max_tokens:
+    def length_for(self, start: int, n: int) -> int | None:
+        """The padded length that positions start..start+n-1 run at, or None if no graph takes them."""
+        room = min(self.max_tokens, self.cache.max_len - start)
+        if not 1 <= n <= room:
             return None
-        return min(-(-n // self.STEP) * self.STEP, self.max_tokens)
+        return min(-(-n // self.STEP) * self.STEP, room)
 
-    def _forward(self, t: int) -> torch.Tensor:
+    def _forward(self, start: int, t: int) -> torch.Tensor:
         ids = self.inputs[2:2 + t].view(1, t)
-        return self.model.forward(ids, self.positions[:, :t], self.cache, self.inputs[:1], span=t,
-                                  last=self.inputs[1:2])
+        return self.model.forward(ids, self.positions[:, start:start + t], self.cache, self.inputs[:1],
+                                  span=start + t, last=self.inputs[1:2])
 
-    def run(self, ids: list[int], slot: int) -> torch.Tensor | None:
-        """Prefill positions 0..len(ids)-1 of cache slot `slot`: fp32 logits [1, V] of the last one;
-        None if the length has no graph (the caller runs the forward eagerly)."""
-        t = self.length_for(len(ids))
+    def run(self, ids: list[int], start: int, slot: int) -> torch.Tensor | None:
+        """Prefill positions start..start+len(ids)-1 of cache slot `slot` (0..start-1 are in the cache
+        already): fp32 logits [1, V] of the last one; None if no graph takes the chunk (the caller
+        runs the forward eagerly)."""
+        t = self.length_for(start, len(ids))
         if t is None:
             return None
         values = array.array("q", [slot, len(ids) - 1])
@@ -112,8 +114,9 @@ class PrefillGraphs:
         values.extend(itertools.repeat(0, t - len(ids)))
         # from pageable memory: the copy is ordered after the stream's earlier work, which may still read inputs
         self.inputs[:2 + t].copy_(torch.frombuffer(values, dtype=torch.long))
-        if t not in self.graphs:   # the warm-up run computes this prompt too; the replay below redoes it
-            self.graphs[t] = capture(lambda: self._forward(t), self.pool)
-        graph, logits = self.graphs[t]
+        key = (start, t)
+        if key not in self.graphs:   # the warm-up run computes this chunk too; the replay below redoes it
+            self.graphs[key] = capture(lambda: self._forward(start, t), self.pool)
+        graph, logits = self.graphs[key]
         graph.replay()
         return logits

@@ -16,8 +16,8 @@ A step does, in this order:
    to a common length, go through the model together, in chunks of `prefill_chunk` positions
    (one chunk per step, so running requests keep decoding between chunks of a long prompt).
    Each row's first token is sampled from the logits at its own last prompt position, all of
-   them with one host synchronization. On a GPU a lone prompt's first chunk is a CUDA graph
-   replay (engine.graphs.PrefillGraphs); other chunks and groups run eagerly;
+   them with one host synchronization. On a GPU a lone prompt's chunks are CUDA graph replays
+   (engine.graphs.PrefillGraphs); groups of prompts run eagerly;
 3. launch the next decode step for every request that goes on (a CUDA graph replay on a GPU,
    engine.graphs; eager on the CPU). Its tokens are collected by the next step, so
 4. the host's bookkeeping of this step's tokens (detokenizing, stop strings, the events
@@ -249,8 +249,8 @@ class Runtime:
         end = min(start + self.prefill_chunk, len(rows[-1].prompt))
         done = sum(len(r.prompt) <= end for r in rows)   # rows whose prompt ends in this chunk
         logits = None
-        if self.prefill_graphs is not None and len(rows) == 1 and start == 0:   # one prompt's first chunk
-            logits = self.prefill_graphs.run(rows[0].prompt[:end], rows[0].slot)
+        if self.prefill_graphs is not None and len(rows) == 1:   # one prompt's chunk
+            logits = self.prefill_graphs.run(rows[0].prompt[start:end], start, rows[0].slot)
         if logits is None:
             logits = self._prefill_forward(rows, start, end)
         logits = logits[:done]

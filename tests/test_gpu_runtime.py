@@ -86,23 +86,27 @@ def test_graph_runtime_uses_graphs_and_reads_device_lengths(models):
                                                                           ignore_eos=True))[0].token_ids
 
 
-def test_prefill_graphs_pad_prompts_to_their_bucket(models):
-    """A lone prompt's first chunk replays a graph of its length rounded up to 64 positions (capped
-    by the cache): prompts just under, at and past a bucket's end, and one that takes the cap,
-    give the CPU reference's tokens; the graphs captured are the buckets those lengths need."""
+def test_prefill_graphs_pad_chunks_to_their_bucket(models):
+    """A lone prompt's chunks replay graphs of their length rounded up to 64 positions (capped by the
+    cache): prompts just under, at and past a bucket's end, one that takes the cap, and ones in
+    chunks of 40 positions (the last chunk's padding capped by the cache's end) give the CPU
+    reference's tokens; the graphs captured are the (first position, length) pairs they need."""
     from engine.runtime import Runtime
 
     llm = models["graphs"]
-    rt = Runtime(llm.model, llm.tokenizer, llm.end_ids, max_batch=1, max_len=100)
     params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
-    for n in (5, 64, 65, 79):
-        prompt = [(7 * i + 3 * n) % 250 + 3 for i in range(n)]
-        req = rt.add(prompt, params)
-        while rt.has_work:
-            rt.step()
-        assert req.output == models["cpu"].generate([prompt], params)[0].token_ids, n
-    assert sorted(rt.prefill_graphs.graphs) == [64, 100]
-    assert rt.prefill_graphs.length_for(101) is None   # past the cache: eager (and refused by add)
+    for chunk, lengths, keys in ((1024, (5, 64, 65, 79), [(0, 64), (0, 100)]),
+                                 (40, (39, 41, 95), [(0, 40), (40, 40), (80, 20)])):
+        rt = Runtime(llm.model, llm.tokenizer, llm.end_ids, max_batch=1, max_len=100, prefill_chunk=chunk)
+        for n in lengths:
+            prompt = [(7 * i + 3 * n) % 250 + 3 for i in range(n)]
+            req = rt.add(prompt, params)
+            while rt.has_work:
+                rt.step()
+            assert len(req.output) == min(20, 100 - n)   # the answer gets what the cache has left
+            assert req.output == models["cpu"].generate([prompt], params)[0].token_ids[:len(req.output)], (chunk, n)
+        assert sorted(rt.prefill_graphs.graphs) == keys
+        assert rt.prefill_graphs.length_for(0, 101) is None   # past the cache: eager (and refused by add)
 
 
 def test_chunked_prefill_gives_the_same_tokens(models):
