@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import kernels  # noqa: E402
+from engine.ops import rope_tables  # noqa: E402
 from engine.quant import pack_ternary  # noqa: E402
 from timing import copy_bandwidth, time_graph  # noqa: E402
 
@@ -177,6 +178,41 @@ def bench_quantize(bandwidth: float) -> list[dict]:
     return rows
 
 
+def bench_qkv_rope(ms, sweep: bool) -> list[dict]:
+    """The decode step's q|k|v projection (2B-4T: 20 query heads, 5 kv heads of 128) with RoPE and the
+    KV-cache write: one kernel (gemm_rope_kv, RoPE in the GEMM's epilogue) against the two it replaces
+    (gemm, then rope_kv_write), weights rotated as in the GEMM rows."""
+    heads, kv_heads, d, k = 20, 5, 128, 2560
+    n = (heads + 2 * kv_heads) * d
+    ends, scales = [heads * d, (heads + kv_heads) * d, n], [1.0, 1.0, 1.0]
+    copies, _ = rotated_weights(n, k)
+    cos, sin = (t.cuda() for t in rope_tables(d, 500000.0, 4096))
+    rows = []
+    for m in ms:
+        print(f"  q|k|v + RoPE, M={m} ...", file=sys.stderr, flush=True)
+        x_q, x_s = kernels.quantize(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        k_cache = torch.zeros(m, kv_heads, 1024, d, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        slots = torch.arange(m, device="cuda")
+        positions = torch.randint(0, 1024, (m,), device="cuda")
+        q = torch.empty(m, heads, d, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+        def fused(i, warps=0):
+            kernels.gemm_rope_kv(x_q, x_s, copies[i % len(copies)], k, ends, scales, positions, slots, cos, sin,
+                                 k_cache, v_cache, heads, out=q, warps=warps)
+
+        def separate(i):
+            kernels.gemm(x_q, x_s, copies[i % len(copies)], n, k, ends, scales, out=qkv)
+            kernels.rope_kv_write(qkv, positions, slots, cos, sin, k_cache, v_cache, heads, out=q)
+
+        row = {"m": m, "fused_us": time_graph(fused, len(copies)), "separate_us": time_graph(separate, len(copies))}
+        if sweep:
+            row["fused_sweep_us"] = {w: time_graph(lambda i, w=w: fused(i, w), len(copies)) for w in (4, 8, 12, 16)}
+        rows.append(row)
+    return rows
+
+
 DECODE_ATTENTION = [(1, 1024), (1, 4096), (64, 1024), (64, 4096)]  # (batch, context), 2B-4T heads
 
 
@@ -285,6 +321,13 @@ def main() -> int:
         for r in crossover:
             print(f"  {r['shape']:<9} M={r['m']:<4} small {r['small_us']:8.2f}  large {r['large_us']:8.2f}")
 
+    qkv_rope = [] if args.prefill_only or "qkv" not in [s[0] for s in shapes] else bench_qkv_rope(ms, args.sweep)
+    if qkv_rope:
+        print("\nq|k|v projection + RoPE + KV-cache write (2B-4T), median us: one kernel against gemm + rope_kv_write")
+    for r in qkv_rope:
+        print(f"  M={r['m']:<3} fused {r['fused_us']:6.2f}  separate {r['separate_us']:6.2f}"
+              + ("  warps " + ", ".join(f"{w}: {t:.2f}" for w, t in r["fused_sweep_us"].items())
+                 if "fused_sweep_us" in r else ""))
     quant = [] if args.gemv_only or args.prefill_only else bench_quantize(bandwidth)
     if quant:
         print("\nactivation quantization (RMSNorm fused), median us")
@@ -299,7 +342,8 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu, "copy_bandwidth_Bps": bandwidth, "gemm": results,
                                          "prefill": prefill, "crossover": crossover,
-                                         "layer_2b4t": layer, "layer_chain": chain, "quantize": quant,
+                                         "layer_2b4t": layer, "layer_chain": chain, "qkv_rope": qkv_rope,
+                                         "quantize": quant,
                                          "decode_attention": attention}, indent=2))
     return 0
 

@@ -109,7 +109,7 @@ def main() -> int:
     if model.backend_state.get("decode_table") is not None and model.ops.fused_decode:
         fused_phases(model, cache, ids, positions, slots)
 
-    graphs = DecodeGraphs(model, cache, b)
+    graphs = DecodeGraphs(model, cache, b, torch.cuda.graph_pool_handle())
     tok = [int(i) for i in ids[:, 0]]
     pos = [args.context] * b
     slot = list(range(b))

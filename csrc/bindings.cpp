@@ -148,11 +148,8 @@ std::pair<Tensor, Tensor> gemm_output(const Tensor& like, int64_t m, int64_t n, 
   return {y, res};
 }
 
-// out [m, n] = x_q [m, k] . W^T, dequantized per segment (or raw int32 when out_dtype is int32)
-Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t n, int64_t k,
-            const std::vector<int64_t>& segment_ends, const std::vector<double>& segment_scales,
-            const std::optional<Tensor>& residual, torch::ScalarType out_dtype, const std::optional<Tensor>& out,
-            int64_t row_tiles_per_block, int64_t warps, int64_t kernel, int64_t large_tile, int64_t large_splits) {
+// The GEMM's int8 input x_q [m, k] (from quantize) and its scales; returns m.
+int64_t check_gemm_input(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t n, int64_t k) {
   check_2d_cuda(x_q, "x_q");
   TORCH_CHECK(x_q.scalar_type() == torch::kInt8, "x_q must be int8");
   const int64_t m = x_q.size(0);
@@ -163,6 +160,15 @@ Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64
   check_tiled(tiled, n, k, x_q);
   TORCH_CHECK(x_scale.is_cuda() && x_scale.scalar_type() == torch::kFloat32 && x_scale.numel() == m && x_scale.is_contiguous(),
               "x_scale must be a contiguous fp32 CUDA tensor of ", m, " values");
+  return m;
+}
+
+// out [m, n] = x_q [m, k] . W^T, dequantized per segment (or raw int32 when out_dtype is int32)
+Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t n, int64_t k,
+            const std::vector<int64_t>& segment_ends, const std::vector<double>& segment_scales,
+            const std::optional<Tensor>& residual, torch::ScalarType out_dtype, const std::optional<Tensor>& out,
+            int64_t row_tiles_per_block, int64_t warps, int64_t kernel, int64_t large_tile, int64_t large_splits) {
+  const int64_t m = check_gemm_input(x_q, x_scale, tiled, n, k);
   const bitnet::Segments seg = segments_of(segment_ends, segment_scales, n);
   bitnet::DType dtype;
   if (out_dtype == torch::kInt32) dtype = bitnet::DType::kInt32;
@@ -206,6 +212,26 @@ bitnet::KVCacheLayer cache_layer(const Tensor& k_cache, const Tensor& v_cache, c
           static_cast<int>(k_cache.size(2)), static_cast<int>(k_cache.size(3))};
 }
 
+// positions, slots [rows] and the RoPE tables cos, sin [positions, d / 2] of rope_kv_write
+void check_rope_inputs(const Tensor& positions, const Tensor& slots, const Tensor& cos, const Tensor& sin,
+                       int64_t rows, int64_t d, const Tensor& like) {
+  check_index_vector(positions, rows, like, "positions");
+  check_index_vector(slots, rows, like, "slots");
+  for (const Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->device() == like.device() && t->scalar_type() == torch::kFloat32 && t->dim() == 2 &&
+                    t->size(1) == d / 2 && t->size(0) == cos.size(0) && t->size(0) > 0 && t->is_contiguous(),
+                "cos and sin must be contiguous fp32 [positions, ", d / 2, "] tables on the activations' device");
+}
+
+// The roped q [rows, heads, d] of `like`'s dtype: out, or a new tensor
+Tensor roped_q_output(const std::optional<Tensor>& out, int64_t rows, int64_t heads, int64_t d, const Tensor& like) {
+  Tensor q = out ? *out : torch::empty({rows, heads, d}, like.options());
+  TORCH_CHECK(q.scalar_type() == like.scalar_type() && q.device() == like.device() && q.is_contiguous() &&
+                  q.numel() == rows * heads * d,
+              "out must be a contiguous [", rows, ", ", heads, ", ", d, "] tensor of the activations' dtype");
+  return q;
+}
+
 // qkv [rows, (heads + 2 kv_heads) * head_dim] -> roped q [rows, heads, head_dim]; roped k, v into the caches
 Tensor rope_kv_write(const Tensor& qkv, const Tensor& positions, const Tensor& slots, const Tensor& cos,
                      const Tensor& sin, const Tensor& k_cache, const Tensor& v_cache, int64_t heads,
@@ -218,22 +244,54 @@ Tensor rope_kv_write(const Tensor& qkv, const Tensor& positions, const Tensor& s
   TORCH_CHECK(rows > 0 && rows < (1LL << 31), "qkv must have between 1 and 2^31 - 1 rows");
   TORCH_CHECK(heads > 0 && d % 2 == 0 && qkv.size(1) == (heads + 2 * cache.kv_heads) * d, "qkv has ", qkv.size(1),
               " features, expected (", heads, " + 2 * ", cache.kv_heads, ") * ", d, " (even head_dim)");
-  check_index_vector(positions, rows, qkv, "positions");
-  check_index_vector(slots, rows, qkv, "slots");
-  for (const Tensor* t : {&cos, &sin})
-    TORCH_CHECK(t->device() == qkv.device() && t->scalar_type() == torch::kFloat32 && t->dim() == 2 &&
-                    t->size(1) == d / 2 && t->size(0) == cos.size(0) && t->size(0) > 0 && t->is_contiguous(),
-                "cos and sin must be contiguous fp32 [positions, ", d / 2, "] tables on the activations' device");
+  check_rope_inputs(positions, slots, cos, sin, rows, d, qkv);
   const c10::cuda::CUDAGuard guard(qkv.device());
-  Tensor q = out ? *out : torch::empty({rows, heads, d}, qkv.options());
-  TORCH_CHECK(q.scalar_type() == qkv.scalar_type() && q.device() == qkv.device() && q.is_contiguous() &&
-                  q.numel() == rows * heads * d,
-              "out must be a contiguous [", rows, ", ", heads, ", ", d, "] tensor of qkv's dtype");
+  const Tensor q = roped_q_output(out, rows, heads, d, qkv);
   check_cuda(bitnet::rope_kv_write(qkv.data_ptr(), dtype, static_cast<int>(rows), static_cast<int>(heads),
                                    positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos.data_ptr<float>(),
                                    sin.data_ptr<float>(), static_cast<int>(std::min<int64_t>(cos.size(0), INT32_MAX)),
                                    cache, q.data_ptr(), c10::cuda::getCurrentCUDAStream()),
              "rope_kv_write");
+  return q;
+}
+
+bool gemm_rope_kv_fits(int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  if (rows < 1 || rows > INT32_MAX || heads < 1 || heads > INT32_MAX || kv_heads < 1 || kv_heads > INT32_MAX ||
+      head_dim < 1 || head_dim > INT32_MAX)
+    return false;
+  const bitnet::KVCacheLayer shape{nullptr, nullptr, 1, static_cast<int>(kv_heads), 1, static_cast<int>(head_dim)};
+  return bitnet::w2a8_gemm_rope_kv_fits(static_cast<int>(rows), static_cast<int>(heads), shape);
+}
+
+// The q|k|v GEMM with rope_kv_write in its epilogue: x_q [rows, k] -> roped q [rows, heads, head_dim];
+// roped k and v into the caches. The outputs have the caches' dtype (the activations').
+Tensor gemm_rope_kv(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t k,
+                    const std::vector<int64_t>& segment_ends, const std::vector<double>& segment_scales,
+                    const Tensor& positions, const Tensor& slots, const Tensor& cos, const Tensor& sin,
+                    const Tensor& k_cache, const Tensor& v_cache, int64_t heads, const std::optional<Tensor>& out,
+                    int64_t warps) {
+  const Tensor& like = k_cache;
+  const auto dtype = float_dtype(like, "k_cache");
+  const bitnet::KVCacheLayer cache = cache_layer(k_cache, v_cache, like);
+  TORCH_CHECK(k_cache.device() == x_q.device(), "the caches and x_q are on different devices");
+  const int64_t d = cache.head_dim, n = (heads + 2 * cache.kv_heads) * d;
+  TORCH_CHECK(heads > 0, "heads must be positive");
+  const int64_t rows = check_gemm_input(x_q, x_scale, tiled, n, k);
+  TORCH_CHECK(gemm_rope_kv_fits(rows, heads, cache.kv_heads, d), "the fused q|k|v + RoPE GEMM takes 1 to ",
+              bitnet::kRopeGemmMaxRows, " rows and a head_dim that is a multiple of 32; got ", rows, " rows and ", d,
+              " (use gemm, then rope_kv_write)");
+  const bitnet::Segments seg = segments_of(segment_ends, segment_scales, n);
+  check_rope_inputs(positions, slots, cos, sin, rows, d, like);
+  const c10::cuda::CUDAGuard guard(x_q.device());
+  const Tensor q = roped_q_output(out, rows, heads, d, like);
+  const bitnet::RopeKV rope{positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos.data_ptr<float>(),
+                            sin.data_ptr<float>(), static_cast<int>(std::min<int64_t>(cos.size(0), INT32_MAX)),
+                            static_cast<int>(heads), cache, q.data_ptr()};
+  const bitnet::GemmConfig cfg{0, static_cast<int>(warps), 1, 0, 0};
+  check_cuda(bitnet::w2a8_gemm_rope_kv(x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), static_cast<int>(rows),
+                                       reinterpret_cast<const uint32_t*>(tiled.data_ptr<int>()), static_cast<int>(k),
+                                       seg, dtype, rope, cfg, c10::cuda::getCurrentCUDAStream()),
+             "w2a8_gemm_rope_kv");
   return q;
 }
 
@@ -449,6 +507,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv_write", &rope_kv_write, "RoPE of q and k, k and v written into the KV cache", py::arg("qkv"),
         py::arg("positions"), py::arg("slots"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("heads"), py::arg("out") = py::none());
+  m.def("gemm_rope_kv_fits", &gemm_rope_kv_fits, "whether gemm_rope_kv takes this many rows of this shape",
+        py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"));
+  m.def("gemm_rope_kv", &gemm_rope_kv, "the q|k|v W2A8 GEMM with RoPE and the KV-cache write in its epilogue",
+        py::arg("x_q"), py::arg("x_scale"), py::arg("tiled"), py::arg("k"), py::arg("segment_ends"),
+        py::arg("segment_scales"), py::arg("positions"), py::arg("slots"), py::arg("cos"), py::arg("sin"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("heads"), py::arg("out") = py::none(), py::arg("warps") = 0);
   m.def("decode_attention", &decode_attention, "one-token attention over the KV cache, optionally + sub-norm + quant",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("positions"),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("splits") = 0);

@@ -84,6 +84,28 @@ cudaError_t rope_kv_write(const void* qkv, DType dtype, int rows, int heads, con
                           const int64_t* slots, const float* cos, const float* sin, int table_len,
                           const KVCacheLayer& cache, void* q_out, cudaStream_t stream);
 
+// The q|k|v projection with rope_kv_write in its epilogue (w2a8_gemm.cu, the small-M kernel): one
+// launch, the same bits as w2a8_gemm (dtype output) then rope_kv_write, without the round trip of q|k|v
+// through memory. RoPE rotates rows i and i + head_dim/2 of a head together; with head_dim a multiple
+// of 32 they lie in row tiles head_dim/32 apart, which one block takes together, so both land in the
+// same thread.
+struct RopeKV {
+  const int64_t* positions;  // [m] on the device
+  const int64_t* slots;      // [m]
+  const float* cos;          // fp32 [table_len, head_dim / 2]
+  const float* sin;
+  int table_len, heads;
+  KVCacheLayer cache;
+  void* q_out;  // [m, heads, head_dim] of dtype
+};
+constexpr int kRopeGemmMaxRows = 64;
+// Whether w2a8_gemm_rope_kv takes m rows of this shape; otherwise w2a8_gemm then rope_kv_write.
+bool w2a8_gemm_rope_kv_fits(int m, int heads, const KVCacheLayer& cache);
+// x_q [m, k] . (q|k|v)^T with n = (heads + 2 kv_heads) * head_dim, segments q, k, v; dtype bf16 or fp32.
+cudaError_t w2a8_gemm_rope_kv(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int k,
+                              const Segments& segments, DType dtype, const RopeKV& rope, GemmConfig config,
+                              cudaStream_t stream);
+
 // Flash decoding: every sequence's keys are cut into at most `splits` chunks (one block each, all G
 // query heads of a kv head together), then combined. The grid depends on (batch, kv_heads, splits)
 // only, never on the lengths held on the device. The default split count fills this GPU:

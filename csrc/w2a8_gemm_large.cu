@@ -34,7 +34,7 @@
 
 #include <cuda_bf16.h>
 
-#include <atomic>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -416,23 +416,20 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
 
 constexpr int kMaxDevices = 64;
 
-// Blocks of this kernel resident at once on the whole of `device`: alone (splits = 1: SMs x blocks
-// per SM) or in clusters of `splits` blocks (what fits the GPCs). The first call per device also
-// raises the kernel's dynamic shared memory limit past the default 48 KB (no stream work:
-// capture-safe). Cached per device; 0 where the tile does not fit.
+// Blocks of this kernel resident at once on the whole GPU: alone (splits = 1: SMs x blocks per SM)
+// or in clusters of `splits` blocks (what fits the GPCs); 0 where the tile or the cluster does not
+// fit (no clusters before sm_90). Also raises the kernel's dynamic shared memory limit past the
+// default 48 KB (no stream work: capture-safe).
 template <class T, typename Out>
-int resident_blocks(int device, int splits) {
-  static std::atomic<int> cached[kMaxDevices][kMaxSplits + 1];  // zero: not known yet
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable && cached[device][splits].load() > 0) return cached[device][splits].load();
+int resident_blocks(int device, int sms, int splits) {
   const auto kernel = large_gemm_kernel<T, Out>;
-  int per_sm = 0, sms = 0, resident = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemSplit) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+  int resident = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemSplit) != cudaSuccess) {
     cudaGetLastError();  // not sticky: clear it, the tile is just unavailable
     return 0;
   }
   if (splits == 1) {
+    int per_sm = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::kThreads, T::kSmem) == cudaSuccess)
       resident = per_sm * sms;
   } else {
@@ -448,12 +445,46 @@ int resident_blocks(int device, int splits) {
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess) resident = clusters * splits;
   }
-  if (resident <= 0) {
+  if (resident <= 0) cudaGetLastError();
+  return resident > 0 ? resident : 0;
+}
+
+// What the choice of tile and split needs to know of a GPU.
+struct Residency {
+  int resident[kTileCount][kMaxSplits + 1];  // [tile - 1][splits]: blocks resident at once, 0 unavailable
+  int per_sm[kTileCount];                    // blocks of the tile per SM, alone
+};
+
+template <class T, typename Out>
+void measure_tile(int device, int sms, int (&resident)[kMaxSplits + 1], int& per_sm) {
+  resident[0] = 0;
+  for (int s = 1; s <= kMaxSplits; ++s) resident[s] = resident_blocks<T, Out>(device, sms, s);
+  per_sm = resident[1] / sms;
+}
+
+template <typename Out>
+Residency measure(int device) {
+  Residency r{};
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
     cudaGetLastError();
-    return 0;
+    return r;  // nothing available: the caller reports it
   }
-  if (cacheable) cached[device][splits].store(resident);
-  return resident;
+  measure_tile<TileWide, Out>(device, sms, r.resident[0], r.per_sm[0]);
+  measure_tile<TileSquare, Out>(device, sms, r.resident[1], r.per_sm[1]);
+  measure_tile<TileSmall, Out>(device, sms, r.resident[2], r.per_sm[2]);
+  return r;
+}
+
+// Measured once per device (and output type): the launches that follow read a table, where asking
+// again would cost each of them 12 queries, 9 of them failing on a GPU without clusters.
+template <typename Out>
+Residency residency(int device) {
+  if (device < 0 || device >= kMaxDevices) return measure<Out>(device);
+  static std::once_flag once[kMaxDevices];
+  static Residency table[kMaxDevices];
+  std::call_once(once[device], [device] { table[device] = measure<Out>(device); });
+  return table[device];
 }
 
 // Relative throughput of each tile shape when an SM holds at least 8 warps, fitted to H100 sweeps
@@ -507,17 +538,6 @@ Choice choose(int m, int n, int nchunks, const int (&resident)[kTileCount][kMaxS
   return best;
 }
 
-template <class T, typename Out>
-void residency(int device, int (&resident)[kMaxSplits + 1], int& per_sm) {
-  for (int s = 1; s <= kMaxSplits; ++s) resident[s] = resident_blocks<T, Out>(device, s);
-  per_sm = 0;
-  if (resident[1] > 0) {
-    int sms = 1;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    per_sm = resident[1] / sms;
-  }
-}
-
 template <typename Out>
 cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
                      const Segments& seg, const void* residual, void* out, int tile, int splits,
@@ -525,11 +545,8 @@ cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint3
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  int resident[kTileCount][kMaxSplits + 1], per_sm[kTileCount];
-  residency<TileWide, Out>(device, resident[0], per_sm[0]);
-  residency<TileSquare, Out>(device, resident[1], per_sm[1]);
-  residency<TileSmall, Out>(device, resident[2], per_sm[2]);
-  const Choice choice = choose(m, n, ceil_div(k, kChunkK), resident, per_sm, tile, splits);
+  const Residency r = residency<Out>(device);
+  const Choice choice = choose(m, n, ceil_div(k, kChunkK), r.resident, r.per_sm, tile, splits);
   if (choice.tile == 0) return cudaErrorInvalidConfiguration;  // no tile (or cluster) fits this GPU
   switch (choice.tile) {
     case 1: return launch<TileWide, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, choice.splits, stream);

@@ -95,6 +95,19 @@ LARGE_TILES = {1: (128, 256), 2: (128, 128), 3: (64, 128)}  # large-M block tile
 LARGE_SPLITS = (1, 2, 3, 4)   # large-M: blocks (one cluster) sharing each block tile's K
 
 
+def _check_gemm_inputs(x_q, tiled, n: int, k: int, segment_ends, segment_scales):
+    if x_q.dim() != 2 or x_q.dtype != torch.int8:
+        raise ValueError(f"x_q must be a 2-D int8 tensor, got {x_q.dtype} {list(x_q.shape)}")
+    if x_q.shape[1] != k:
+        raise ValueError(f"x_q has {x_q.shape[1]} features but the weight expects {k}")
+    if tuple(tiled.shape[:2]) != (-(-n // 16), padded(k) // CHUNK_K):
+        raise ValueError(f"the tiled weight {list(tiled.shape)} does not match a {n}x{k} projection")
+    ends = list(segment_ends)
+    if not ends or ends[-1] != n or len(ends) != len(segment_scales) or len(ends) > 4 \
+            or any(b <= a for a, b in zip([0] + ends, ends)):
+        raise ValueError(f"segments must end at n = {n}, increase, have one scale each, at most 4: {ends}")
+
+
 def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, k: int,
          segment_ends: list[int], segment_scales: list[float], residual: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
@@ -112,16 +125,7 @@ def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, 
         raise ValueError(f"large_tile must be 0 (by shape) or one of {list(LARGE_TILES)}, got {large_tile!r}")
     if large_splits != 0 and large_splits not in LARGE_SPLITS:
         raise ValueError(f"large_splits must be 0 (by shape) or one of {list(LARGE_SPLITS)}, got {large_splits!r}")
-    if x_q.dim() != 2 or x_q.dtype != torch.int8:
-        raise ValueError(f"x_q must be a 2-D int8 tensor, got {x_q.dtype} {list(x_q.shape)}")
-    if x_q.shape[1] != k:
-        raise ValueError(f"x_q has {x_q.shape[1]} features but the weight expects {k}")
-    if tuple(tiled.shape[:2]) != (-(-n // 16), padded(k) // CHUNK_K):
-        raise ValueError(f"the tiled weight {list(tiled.shape)} does not match a {n}x{k} projection")
-    ends = list(segment_ends)
-    if not ends or ends[-1] != n or len(ends) != len(segment_scales) or len(ends) > 4 \
-            or any(b <= a for a, b in zip([0] + ends, ends)):
-        raise ValueError(f"segments must end at n = {n}, increase, have one scale each, at most 4: {ends}")
+    _check_gemm_inputs(x_q, tiled, n, k, segment_ends, segment_scales)
     return load().gemm(as_gemm_input(x_q), x_scale.reshape(-1).float().contiguous(), tiled, n, k,
                        list(segment_ends), [float(s) for s in segment_scales], residual, out_dtype, out,
                        row_tiles_per_block, warps, GEMM_KERNELS[kernel], large_tile, large_splits)
@@ -129,6 +133,7 @@ def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, 
 
 # ---- the decode step ------------------------------------------------------------------------------
 FLOAT_DTYPES = (torch.bfloat16, torch.float32)
+ROPE_GEMM_MAX_ROWS = 64   # kRopeGemmMaxRows: gemm_rope_kv's rows (the small-M GEMM kernel's)
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, like: torch.Tensor, what: str):
@@ -166,18 +171,52 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
         raise ValueError(f"qkv has {qkv.shape[1]} features; {num_heads} query heads and the cache's {kv_heads} kv "
                          f"heads of {d} need (heads + 2 * kv_heads) * head_dim = {(num_heads + 2 * kv_heads) * d} "
                          "and an even head_dim")
-    positions = _index_vector(positions, rows, qkv, "positions")
-    slots = _index_vector(slots, rows, qkv, "slots")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != d // 2 or t.shape != cos.shape \
-                or t.device != qkv.device:
-            raise ValueError(f"{name} must be the fp32 [positions, {d // 2}] rope table on {qkv.device}, "
-                             f"got {t.dtype} {list(t.shape)} on {t.device}")
-    if out is not None and (out.shape != (rows, num_heads, d) or out.dtype != qkv.dtype or not out.is_contiguous()
-                            or out.device != qkv.device):
-        raise ValueError(f"out must be a contiguous {qkv.dtype} [{rows}, {num_heads}, {d}] tensor on {qkv.device}")
+    positions, slots = _check_rope_inputs(positions, slots, cos, sin, rows, num_heads, d, qkv, out)
     return load().rope_kv_write(qkv.contiguous(), positions, slots, cos.contiguous(), sin.contiguous(), k_cache,
                                 v_cache, num_heads, out)
+
+
+def _check_rope_inputs(positions, slots, cos, sin, rows: int, num_heads: int, d: int, like, out):
+    positions = _index_vector(positions, rows, like, "positions")
+    slots = _index_vector(slots, rows, like, "slots")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != d // 2 or t.shape != cos.shape \
+                or t.device != like.device:
+            raise ValueError(f"{name} must be the fp32 [positions, {d // 2}] rope table on {like.device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    if out is not None and (out.shape != (rows, num_heads, d) or out.dtype != like.dtype or not out.is_contiguous()
+                            or out.device != like.device):
+        raise ValueError(f"out must be a contiguous {like.dtype} [{rows}, {num_heads}, {d}] tensor on {like.device}")
+    return positions, slots
+
+
+def gemm_rope_kv_fits(rows: int, num_heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether gemm_rope_kv takes `rows` rows of this attention shape (the decode kernel's row counts,
+    head_dim a multiple of 32); otherwise gemm, then rope_kv_write."""
+    return load().gemm_rope_kv_fits(rows, num_heads, kv_heads, head_dim)
+
+
+def gemm_rope_kv(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, k: int, segment_ends: list[int],
+                 segment_scales: list[float], positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                 out: torch.Tensor | None = None, warps: int = 0) -> torch.Tensor:
+    """gemm (q|k|v, output in the caches' dtype) then rope_kv_write, in one kernel and with the same
+    bits: x_q [R, k] -> roped q [R, H, D]; roped k and raw v written into the caches. Needs
+    gemm_rope_kv_fits(R, H, kvH, D)."""
+    if k_cache.dtype not in FLOAT_DTYPES or not k_cache.is_cuda:
+        raise ValueError(f"k_cache must be a bf16 or fp32 CUDA tensor, got {k_cache.dtype} on {k_cache.device}")
+    _check_cache(k_cache, v_cache, k_cache, "k_cache")
+    rows, (kv_heads, d) = x_q.shape[0], (k_cache.shape[1], k_cache.shape[3])
+    n = (num_heads + 2 * kv_heads) * d
+    _check_gemm_inputs(x_q, tiled, n, k, segment_ends, segment_scales)
+    if num_heads <= 0 or not gemm_rope_kv_fits(rows, num_heads, kv_heads, d):
+        raise ValueError(f"the fused q|k|v + RoPE GEMM takes 1 to {ROPE_GEMM_MAX_ROWS} rows, a positive head "
+                         f"count and a head_dim that is a multiple of 32; got {rows} rows, {num_heads} heads, "
+                         f"head_dim {d} (use gemm, then rope_kv_write)")
+    positions, slots = _check_rope_inputs(positions, slots, cos, sin, rows, num_heads, d, k_cache, out)
+    return load().gemm_rope_kv(as_gemm_input(x_q), x_scale.reshape(-1).float().contiguous(), tiled, k,
+                               list(segment_ends), [float(s) for s in segment_scales], positions, slots,
+                               cos.contiguous(), sin.contiguous(), k_cache, v_cache, num_heads, out, warps)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

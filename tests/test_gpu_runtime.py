@@ -237,6 +237,29 @@ class Float64AttentionOps(TorchOps):
         return out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * d).to(self.dtype)
 
 
+def test_head_dim_32_fused_rope_path_matches_cpu(tmp_path_factory, tiny_tokenizer_dir):
+    """head_dim 32: prompts of 2-64 tokens and batched decode steps take the q|k|v GEMM with RoPE and
+    the cache write in its epilogue (the tiny model's head_dim 16, and single rows, take the separate
+    RoPE kernel). CPU reference, GPU eager and graphs give the same 64 greedy tokens, alone and batched."""
+    import hf_models
+    from engine import kernels
+    from engine.convert import convert
+
+    cfg = hf_models.bitnet_config(head_dim=32, num_attention_heads=4, hidden_size=128)
+    hf = tmp_path_factory.mktemp("hf32") / "tiny-hd32"
+    hf_models.save_hf(hf, cfg, hf_models.random_bitnet_state(cfg, seed=3), "online", tokenizer_from=tiny_tokenizer_dir)
+    ckpt = convert(str(hf), tmp_path_factory.mktemp("ckpt32") / "tiny-hd32", progress=False)
+    assert kernels.gemm_rope_kv_fits(1, 4, 2, 32)
+    cpu = LLM(ckpt, dtype=torch.float32)
+    eager = LLM(ckpt, device="cuda", dtype=torch.float32, graphs=False)
+    graphs = LLM(ckpt, device="cuda", dtype=torch.float32)
+    ps = prompts(cpu)
+    ref = [cpu.generate([p], GREEDY64)[0].token_ids for p in ps]
+    for llm in (eager, graphs):
+        assert [llm.generate([p], GREEDY64)[0].token_ids for p in ps] == ref
+        assert [c.token_ids for c in llm.generate(ps, GREEDY64)] == ref
+
+
 def test_full_2b4t_shapes_match_the_cpu_reference():
     """A seeded random model with the real 2B-4T shapes against the CPU reference (fp32).
 

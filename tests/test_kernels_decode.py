@@ -80,6 +80,95 @@ def test_rope_kv_write_is_bit_exact(k, dtype, heads, kv_heads, d):
     assert torch.equal(bits(k_cache.cpu()), bits(k_exp)) and torch.equal(bits(v_cache.cpu()), bits(v_exp))
 
 
+# ---- the q|k|v GEMM with RoPE and the KV write in its epilogue ---------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,d,kk", [SHAPE_2B4T + (2560,), (6, 3, 32, 130), (3, 1, 256, 64),
+                                                 (4, 2, 64, 6913)])
+def test_gemm_rope_kv_equals_gemm_then_rope_reference(k, dtype, heads, kv_heads, d, kk):
+    """Bit-exact with the reference BitLinear (q|k|v segments, their own scales) rounded to the dtype,
+    then apply_rope: q, and every cache entry (written rows, and poison everywhere else); rows with a
+    position or slot out of range get a zero q and write nothing. Every row count the kernel takes
+    (token groups of 8 and 16), extreme activations and weights, a one-warp block (several row pairs
+    per thread) and the widest."""
+    from engine.cuda_ops import CudaOps
+    from engine.ops import TorchOps
+    from engine.quant import pack_ternary
+
+    gen = torch.Generator().manual_seed(heads * 1000 + d + kk)
+    n_parts = (heads * d, kv_heads * d, kv_heads * d)
+    parts = []
+    for i, n in enumerate(n_parts):
+        w = torch.randint(-1, 2, (n, kk), dtype=torch.int8, generator=gen)
+        w[i] = -1  # an all -1 row in each segment
+        parts.append((pack_ternary(w), torch.tensor([0.25 + torch.rand(1, generator=gen).item()])))
+    ref_ops, gpu_w = TorchOps(dtype), CudaOps(dtype).prepare_linear(parts, kk)
+    ref_w = ref_ops.prepare_linear(parts, kk)
+    ends = [n_parts[0], n_parts[0] + n_parts[1], sum(n_parts)]
+    slots_n, max_len = 5, 40
+    cos, sin = rope_tables(d, 500000.0, 48)
+    for m, warps in ((1, 0), (3, 1), (8, 0), (9, 0), (16, 16), (17, 0), (40, 3), (64, 0)):
+        x_q = torch.randint(-128, 128, (m, kk), dtype=torch.int8, generator=gen)
+        x_q[0] = -128
+        if m > 1:
+            x_q[1] = 127
+        x_s = torch.rand(m, 1, generator=gen) * 0.5 + 0.01
+        positions = torch.randint(0, max_len, (m,), generator=gen)
+        slots = torch.randperm(slots_n * 13, generator=gen)[:m] % slots_n
+        positions[:: 7] = max_len - 1
+        if m > 2:
+            positions[2], slots[m - 1] = max_len, slots_n   # past the cache; a slot out of range
+        if m > 5:
+            positions[5] = -3
+        # distinct (slot, position) among the valid rows: each cache entry is written once
+        seen, valid = set(), torch.zeros(m, dtype=torch.bool)
+        for r in range(m):
+            key = (int(slots[r]), int(positions[r]))
+            valid[r] = 0 <= key[1] < max_len and key[0] < slots_n and key not in seen
+            if valid[r]:
+                seen.add(key)
+            elif 0 <= key[1] < max_len and key[0] < slots_n:
+                positions[r] = max_len + 1   # a duplicate: make it an out-of-range row instead
+        poison = torch.full((slots_n, kv_heads, max_len, d), -777.0, dtype=dtype)
+        k_cache, v_cache = poison.cuda(), poison.cuda()
+        out = torch.full((m, heads, d), float("nan"), dtype=dtype, device="cuda")
+        q = k.gemm_rope_kv(x_q.cuda(), x_s.cuda(), gpu_w.weight, kk, ends, gpu_w.scales, positions.cuda(),
+                           slots.cuda(), cos.cuda(), sin.cuda(), k_cache, v_cache, heads, out=out, warps=warps)
+        assert q.data_ptr() == out.data_ptr()
+
+        qkv = ref_ops.bitlinear(x_q, x_s, ref_w)[valid]
+        q_in, k_in, v_in = qkv.split(n_parts, dim=-1)
+        c, s_ = cos[positions[valid]][None], sin[positions[valid]][None]
+        q_ref = apply_rope(q_in.reshape(1, -1, heads, d), c, s_).to(dtype)[0]
+        k_ref = apply_rope(k_in.reshape(1, -1, kv_heads, d), c, s_).to(dtype)[0]
+        k_exp, v_exp = poison.clone(), poison.clone()
+        k_exp[slots[valid], :, positions[valid]] = k_ref
+        v_exp[slots[valid], :, positions[valid]] = v_in.reshape(-1, kv_heads, d)
+        q = q.cpu()
+        assert torch.equal(bits(q[valid]), bits(q_ref)), f"M={m}"
+        assert (q[~valid] == 0).all(), f"M={m}"
+        assert torch.equal(bits(k_cache.cpu()), bits(k_exp)) and torch.equal(bits(v_cache.cpu()), bits(v_exp)), f"M={m}"
+
+
+def test_gemm_rope_kv_refuses_what_it_cannot_take(k):
+    from engine.quant import pack_ternary
+
+    heads, kv_heads, kk = 2, 1, 64
+    cache = torch.zeros(1, kv_heads, 8, 16, device="cuda")
+    tiled = k.repack(pack_ternary(torch.zeros(64, kk, dtype=torch.int8)).cuda(), 64, kk)
+    x_q, one = torch.zeros(1, kk, dtype=torch.int8, device="cuda"), torch.zeros(1, dtype=torch.int64, device="cuda")
+    cos, sin = (t.cuda() for t in rope_tables(16, 10000.0, 8))
+    assert not k.gemm_rope_kv_fits(1, heads, kv_heads, 16) and k.gemm_rope_kv_fits(64, heads, kv_heads, 32)
+    assert not k.gemm_rope_kv_fits(65, heads, kv_heads, 32)
+    with pytest.raises(ValueError, match="multiple of 32"):   # head_dim 16
+        k.gemm_rope_kv(x_q, torch.ones(1, device="cuda"), tiled, kk, [32, 48, 64], [1.0] * 3, one, one, cos, sin,
+                       cache, cache.clone(), heads)
+    cache32 = torch.zeros(1, kv_heads, 8, 32, device="cuda")
+    with pytest.raises(ValueError, match="does not match a 128x64"):   # (2 + 2 * 1) * 32 rows
+        k.gemm_rope_kv(x_q, torch.ones(1, device="cuda"), tiled, kk, [64, 96, 128], [1.0] * 3, one, one, cos, sin,
+                       cache32, cache32.clone(), heads)
+
+
 # ---- decode attention --------------------------------------------------------------------------------
 
 def reference_attention(q, k_cache, v_cache, slots, positions) -> torch.Tensor:
