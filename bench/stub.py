@@ -135,12 +135,12 @@ class StubGraphs(DecodeGraphs):
         self.model = model
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         top = self.buckets[-1]
-        self.inputs = {b: torch.zeros(3, b, dtype=torch.long) for b in self.buckets}
-        self.staging = torch.zeros(3 * top, dtype=torch.long)
+        self.inputs = {b: torch.zeros(4, b, dtype=torch.long) for b in self.buckets}
+        self.staging = torch.zeros(4 * top, dtype=torch.long)
         self.staged = _Event()
         logits = model.logits(top)
         greedy = logits.argmax(dim=-1)
-        self.graphs = {b: (_Replay(model.clock, b), logits[:b], greedy[:b]) for b in self.buckets}
+        self.graphs = {b: (_Replay(model.clock, b), (logits[:b], greedy[:b])) for b in self.buckets}
 
 
 def word_tokenizer(vocab_size: int):

@@ -44,10 +44,10 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         top = self.buckets[-1]
         dev = model.ops.device
-        # each bucket reads its own contiguous [ids; positions; slots], filled by one copy from
-        # the pinned staging buffer
-        self.inputs = {b: torch.zeros(3, b, dtype=torch.long, device=dev) for b in self.buckets}
-        self.staging = torch.zeros(3 * top, dtype=torch.long, pin_memory=True)
+        # each bucket reads its own contiguous [ids; positions; slots; where ids come from], filled
+        # by one copy from the pinned staging buffer
+        self.inputs = {b: torch.zeros(4, b, dtype=torch.long, device=dev) for b in self.buckets}
+        self.staging = torch.zeros(4 * top, dtype=torch.long, pin_memory=True)
         self.staged = torch.cuda.Event()   # the last copy out of `staging` is done
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         # capture every bucket now, while the cache holds nothing: warm-up runs write to slot 0
@@ -59,20 +59,26 @@ class DecodeGraphs:
         logits = self.model.forward(inputs[0, :, None], inputs[1, :, None], self.cache, inputs[2])
         return logits, logits.argmax(dim=-1)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, ids: list[int], positions: list[int], slots: list[int],
+            source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the smallest bucket that holds the batch: fp32 logits [n, V], argmax ids [n].
-        Nothing here waits for the GPU (unless the previous step's inputs are still being copied)."""
+        With `source` (token ids on the device: the previous step's picks, which the host has not
+        read yet), `ids` are indices into it. Nothing here waits for the GPU (unless the previous
+        step's inputs are still being copied)."""
         n = len(ids)
         b = next(b for b in self.buckets if b >= n)
         pad = b - n
         if pad:
             ids, positions, slots = ids + ids[:1] * pad, positions + positions[:1] * pad, slots + slots[:1] * pad
-        values = torch.frombuffer(array.array("q", ids + positions + slots), dtype=torch.long)
+        values = torch.frombuffer(array.array("q", ids + positions + slots + ids), dtype=torch.long)
         self.staged.synchronize()   # do not overwrite pinned memory a copy is still reading
-        staged = self.staging[:3 * b]
+        staged = self.staging[:4 * b]
         staged.copy_(values)
-        self.inputs[b].view(-1).copy_(staged, non_blocking=True)
+        inputs = self.inputs[b]
+        inputs.view(-1).copy_(staged, non_blocking=True)
         self.staged.record()
+        if source is not None:   # on the stream, after the step that wrote `source`
+            torch.index_select(source, 0, inputs[3], out=inputs[0])
         graph, (logits, greedy) = self.graphs[b]
         graph.replay()
         return logits[:n], greedy[:n]

@@ -9,8 +9,15 @@ as soon as they finish (continuous batching). Used by LLM.generate and by the HT
 
 A step does, in this order:
 
+0. run ahead: when the step has nothing to prefill, launch the next decode step at once, fed
+   with the tokens of the one in flight straight from the device (their indices go to the graph's
+   inputs; the host has not read them yet). So the GPU goes from one decode step to the next
+   without waiting for the host to read tokens and launch. Such a step holds every request of
+   the one in flight that may go on: a request that the token being read ends (an end token)
+   gets its token in the step run ahead dropped. Requests with a repetition penalty need their
+   tokens on the host to pick the next, so a batch holding one does not run ahead;
 1. collect the tokens of the decode step launched by the previous step (the host waits here);
-2. prefill: run at most one forward of newcomers' prompts. Waiting requests that fit the free
+2. prefill (unless the step ran ahead): run at most one forward of newcomers' prompts. Waiting requests that fit the free
    cache slots are admitted together as a group whose padded size (rows x the longest prompt,
    capped at prefill_chunk) stays within `prefill_tokens`; the group's prompts, right-padded
    to a common length, go through the model together, in chunks of `prefill_chunk` positions
@@ -18,17 +25,17 @@ A step does, in this order:
    Each row's first token is sampled from the logits at its own last prompt position, all of
    them with one host synchronization. On a GPU a lone prompt's chunks are CUDA graph replays
    (engine.graphs.PrefillGraphs); groups of prompts run eagerly;
-3. launch the next decode step for every request that goes on (a CUDA graph replay on a GPU,
-   engine.graphs; eager on the CPU). Its tokens are collected by the next step, so
+3. launch the next decode step for every request that goes on, unless step 0 did (a CUDA graph
+   replay on a GPU, engine.graphs; eager on the CPU). Its tokens are collected by the next step, so
 4. the host's bookkeeping of this step's tokens (detokenizing, stop strings, the events
    returned) runs while the GPU computes the next one.
 
 A request ended by a token (an end token, its length) frees its slot in step 1, for the prefill
-of the same step. One ended by a stop string, found in step 4, is already in the decode step just
-launched: that step's token for it is dropped, and its slot is free from the next step (which
-first waits for that decode step). Padding rows and such dropped rows write keys and values only
-at positions that the slot's sequence writes again before it reads them: a decode step writes
-its token's entry, then attends to 0..position.
+of the same step (or of the next, when the step ran ahead). One ended by a stop string, found in
+step 4, is already in the decode step just launched: that step's token for it is dropped, and its
+slot is free from the next step (which first waits for that decode step). Padding rows and such
+dropped rows write keys and values only at positions that the slot's sequence writes again before
+it reads them: a decode step writes its token's entry, then attends to 0..position.
 """
 
 import array
@@ -103,7 +110,8 @@ class Runtime:
         self.running: list[Request] = []       # holding a slot, decoding
         self.prefilling: list[Request] = []    # holding a slot, the prompt partly prefilled (long prompts)
         self._prefill_at = 0                   # the next chunk's first position, for self.prefilling
-        self._inflight: tuple[list[Request], object] | None = None   # the decode launched last step
+        # the decode step launched last: its rows, the copy of its tokens to the host, the tokens on the device
+        self._inflight: tuple[list[Request], object, torch.Tensor] | None = None
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._cancels = False                  # a cancel() since the last look
@@ -117,9 +125,12 @@ class Runtime:
             pool = torch.cuda.graph_pool_handle()   # one memory pool: graphs replay one at a time
             self.graphs = DecodeGraphs(model, self.cache, max_batch, pool)
             self.prefill_graphs = PrefillGraphs(model, self.cache, prefill_chunk, pool)
-        if self.device.type == "cuda":   # where sampled tokens land; one buffer per kind of step
-            self._pinned = torch.empty(2, max_batch, dtype=torch.long, pin_memory=True)
-            self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        # where sampled tokens land: two buffers for decode steps in turn (one can be in flight
+        # while the host reads the other), one for prefills
+        self._decode_buffer = 0
+        if self.device.type == "cuda":
+            self._pinned = torch.empty(3, max_batch, dtype=torch.long, pin_memory=True)
+            self._copied = [torch.cuda.Event() for _ in range(3)]
 
     # ---- called from any thread -------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams) -> Request:
@@ -160,24 +171,25 @@ class Runtime:
         events: list[tuple[Request, str]] = []
         if self._cancels:
             self._reap(events)
+        ahead = self._run_ahead()
         going: list[Request] = []               # requests in the next decode step
         taken: list[tuple[Request, int]] = []   # (request, token) sampled for it
         decoding = self._inflight is not None
         if decoding:
-            rows, fetch = self._inflight
-            self._inflight = None
+            rows, fetch, _ = self._inflight
+            self._inflight = ahead
             taken = [(r, t) for r, t in zip(rows, self._host(fetch)) if not r.finished]
             self._take(taken, going)             # frees the slots of requests that end here
         prefill = 0.0
-        if self.prefilling or (self.waiting and self.free):
+        if ahead is None and (self.prefilling or (self.waiting and self.free)):
             begin = time.perf_counter()
             first = self._prefill(events)
             self._take(first, going)
             taken += first
             prefill = time.perf_counter() - begin
-        if going:
+        if going and ahead is None:
             decoding = True
-            self._inflight = (going, self._launch_decode(going))
+            self._inflight = (going, *self._launch_decode(going))
         for req, token in taken:   # while the GPU computes the next tokens
             events.append((req, self._text(req, token)))
         spent = time.perf_counter() - start - prefill
@@ -187,6 +199,21 @@ class Runtime:
         else:
             self.prefill_seconds += prefill + spent
         return events
+
+    def _run_ahead(self) -> tuple[list[Request], object, torch.Tensor] | None:
+        """Launch the next decode step before reading the tokens of the one in flight (step 0 of
+        the docstring); returns what self._inflight holds, or None where the step cannot."""
+        if self._inflight is None or self.prefilling:
+            return None
+        rows, _, tokens = self._inflight
+        if any(r.params.repetition_penalty != 1.0 for r in rows):
+            return None
+        # the rows whose token being read cannot end them by length (an end token still might)
+        index = [i for i, r in enumerate(rows) if not r.finished and len(r.output) + 1 < r.max_new]
+        if not index or (self.waiting and (self.free or len(index) < len(rows))):
+            return None   # a slot is free, or frees now: prefill a newcomer in this step
+        going = [rows[i] for i in index]
+        return (going, *self._launch_decode(going, (tokens, index)))
 
     def _take(self, taken: list[tuple[Request, int]], going: list[Request]) -> None:
         """What a token means for its request: it ends it (an end token; the length reached), or
@@ -254,7 +281,7 @@ class Runtime:
         if logits is None:
             logits = self._prefill_forward(rows, start, end)
         logits = logits[:done]
-        tokens = self._host(self._pick(rows[:done], logits, logits.argmax(dim=-1), 1)) if done else []
+        tokens = self._host(self._fetch(self._pick(rows[:done], logits, logits.argmax(dim=-1)), 2)) if done else []
         self._prefill_at = end
         finished, self.prefilling = rows[:done], rows[done:]
         self.running += finished
@@ -277,23 +304,32 @@ class Runtime:
         return self.model.forward(ids, positions, self.cache, slots, span=end, last=last)
 
     # ---- decode -----------------------------------------------------------------------------
-    def _launch_decode(self, rows: list[Request]) -> object:
-        """Start one decode step for the rows (each fed its last token); returns what _host reads."""
+    def _launch_decode(self, rows: list[Request], ahead: tuple[torch.Tensor, list[int]] | None = None
+                       ) -> tuple[object, torch.Tensor]:
+        """Start one decode step for the rows, each fed its last token: from its output, or with
+        `ahead` = (the tokens of the step in flight on the device, each row's index there) the one
+        that step picks for it, not yet in its output. Returns what _host reads, and the tokens on
+        the device."""
         n = len(rows)
-        ids = [r.output[-1] for r in rows]
-        positions = [len(r.prompt) + len(r.output) - 1 for r in rows]
+        if ahead is None:
+            source, ids, behind = None, [r.output[-1] for r in rows], 1
+        else:
+            (source, ids), behind = ahead, 0
+        positions = [len(r.prompt) + len(r.output) - behind for r in rows]
         slots = [r.slot for r in rows]
         if self.graphs is not None:
-            logits, greedy = self.graphs.run(ids, positions, slots)
+            logits, greedy = self.graphs.run(ids, positions, slots, source)
         else:
             inputs = _longs(ids + positions + slots).to(self.device)
-            logits = self.model.forward(inputs[:n, None], inputs[n:2 * n, None], self.cache, inputs[2 * n:])
+            tokens = inputs[:n] if source is None else source.index_select(0, inputs[:n])
+            logits = self.model.forward(tokens[:, None], inputs[n:2 * n, None], self.cache, inputs[2 * n:])
             greedy = logits.argmax(dim=-1)
-        return self._pick(rows, logits, greedy, 0)
+        picked = self._pick(rows, logits, greedy)
+        self._decode_buffer ^= 1   # the step in flight may still be copying into the other one
+        return self._fetch(picked, self._decode_buffer), picked
 
-    def _pick(self, rows: list[Request], logits: torch.Tensor, greedy: torch.Tensor, buffer: int) -> object:
-        """The rows' tokens: the greedy argmax, replaced by `pick` where a request samples; starts
-        the copy to the host."""
+    def _pick(self, rows: list[Request], logits: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+        """The rows' tokens on the device: the greedy argmax, replaced by `pick` where a request samples."""
         picked = greedy
         sampled = [i for i, r in enumerate(rows) if r.sampled]
         if sampled:
@@ -301,7 +337,7 @@ class Runtime:
             for i in sampled:
                 r = rows[i]
                 picked[i] = pick(logits[i], r.params, self._seen(r), r.generator)
-        return self._fetch(picked, buffer)
+        return picked
 
     # the host synchronization: _fetch starts the copy of sampled tokens, _host waits for it
     def _fetch(self, tokens: torch.Tensor, buffer: int) -> object:

@@ -46,6 +46,27 @@ def padded_rows(x_q: torch.Tensor, k) -> torch.Tensor:
 
 # ---- RoPE + KV write ---------------------------------------------------------------------------------
 
+def assert_rope_outputs(q, k_cache, v_cache, qkv, valid, positions, slots, cos, sin, poison, where=""):
+    """q [rows, heads, d] and the caches after a RoPE + KV-write kernel, against apply_rope of the
+    reference q|k|v of the `valid` rows (qkv [valid rows, (heads + 2 kv_heads) d], in the dtype):
+    q of those rows and their cache entries bit for bit, q of the others zero, every other cache
+    entry still `poison`."""
+    rows, heads, d = q.shape
+    kv_heads, dtype = poison.shape[1], poison.dtype
+    q_in, k_in, v_in = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    c, s = cos[positions[valid]][None], sin[positions[valid]][None]
+    q_ref = apply_rope(q_in.reshape(1, -1, heads, d), c, s).to(dtype)[0]
+    k_ref = apply_rope(k_in.reshape(1, -1, kv_heads, d), c, s).to(dtype)[0]
+    k_exp, v_exp = poison.clone(), poison.clone()
+    k_exp[slots[valid], :, positions[valid]] = k_ref
+    v_exp[slots[valid], :, positions[valid]] = v_in.reshape(-1, kv_heads, d)
+    q = q.cpu()
+    assert torch.equal(bits(q[valid]), bits(q_ref)), where
+    assert (q[~valid] == 0).all(), where
+    assert torch.equal(bits(k_cache.cpu()), bits(k_exp)), where
+    assert torch.equal(bits(v_cache.cpu()), bits(v_exp)), where
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,d", [SHAPE_2B4T] + SHAPES_TINY)
 def test_rope_kv_write_is_bit_exact(k, dtype, heads, kv_heads, d):
@@ -67,17 +88,7 @@ def test_rope_kv_write_is_bit_exact(k, dtype, heads, kv_heads, d):
                         out=out)
     assert q.data_ptr() == out.data_ptr()
 
-    q_in, k_in, v_in = qkv[valid].split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    c, s = cos[positions[valid]][None], sin[positions[valid]][None]
-    q_ref = apply_rope(q_in.reshape(1, -1, heads, d), c, s).to(dtype)[0]
-    k_ref = apply_rope(k_in.reshape(1, -1, kv_heads, d), c, s).to(dtype)[0]
-    k_exp, v_exp = poison.clone(), poison.clone()
-    k_exp[slots[valid], :, positions[valid]] = k_ref
-    v_exp[slots[valid], :, positions[valid]] = v_in.reshape(-1, kv_heads, d)
-    q = q.cpu()
-    assert torch.equal(bits(q[valid]), bits(q_ref))
-    assert (q[~valid] == 0).all()
-    assert torch.equal(bits(k_cache.cpu()), bits(k_exp)) and torch.equal(bits(v_cache.cpu()), bits(v_exp))
+    assert_rope_outputs(q, k_cache, v_cache, qkv[valid], valid, positions, slots, cos, sin, poison)
 
 
 # ---- the q|k|v GEMM with RoPE and the KV write in its epilogue ---------------------------------------
@@ -137,17 +148,7 @@ def test_gemm_rope_kv_equals_gemm_then_rope_reference(k, dtype, heads, kv_heads,
         assert q.data_ptr() == out.data_ptr()
 
         qkv = ref_ops.bitlinear(x_q, x_s, ref_w)[valid]
-        q_in, k_in, v_in = qkv.split(n_parts, dim=-1)
-        c, s_ = cos[positions[valid]][None], sin[positions[valid]][None]
-        q_ref = apply_rope(q_in.reshape(1, -1, heads, d), c, s_).to(dtype)[0]
-        k_ref = apply_rope(k_in.reshape(1, -1, kv_heads, d), c, s_).to(dtype)[0]
-        k_exp, v_exp = poison.clone(), poison.clone()
-        k_exp[slots[valid], :, positions[valid]] = k_ref
-        v_exp[slots[valid], :, positions[valid]] = v_in.reshape(-1, kv_heads, d)
-        q = q.cpu()
-        assert torch.equal(bits(q[valid]), bits(q_ref)), f"M={m}"
-        assert (q[~valid] == 0).all(), f"M={m}"
-        assert torch.equal(bits(k_cache.cpu()), bits(k_exp)) and torch.equal(bits(v_cache.cpu()), bits(v_exp)), f"M={m}"
+        assert_rope_outputs(q, k_cache, v_cache, qkv, valid, positions, slots, cos, sin, poison, f"M={m}")
 
 
 def test_gemm_rope_kv_refuses_what_it_cannot_take(k):

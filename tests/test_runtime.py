@@ -3,9 +3,9 @@ running batch, leave when done, wait for a free slot, get cancelled, are prefill
 groups; none of it changes tokens.
 
 The step's rhythm (engine/runtime.py): a step collects the tokens of the decode step launched by
-the previous one, prefills at most one forward of newcomers, then launches the next decode step.
-So a request admitted in step k has its first token (from prefill) after step k, and one more
-after each later step."""
+the previous one, prefills at most one forward of newcomers, then launches the next decode step
+(or, with nothing to prefill, launches it first, fed from the device). So a request admitted in
+step k has its first token (from prefill) after step k, and one more after each later step."""
 
 import pytest
 import torch
@@ -29,6 +29,26 @@ def runtime(llm, **kw):
 
 def alone(llm, prompt, params=GREEDY):
     return llm.generate([prompt], params)[0].token_ids
+
+
+def plain_greedy(llm, prompt, n):
+    """n greedy tokens from model.forward one position at a time, without the runtime."""
+    m = llm.model
+    cache, slot = m.new_cache(1, 64), torch.zeros(1, dtype=torch.long)
+    tokens = [int(m.forward(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, slot).argmax())]
+    while len(tokens) < n:
+        pos = len(prompt) + len(tokens) - 1
+        logits = m.forward(torch.tensor([[tokens[-1]]]), torch.tensor([[pos]]), cache, slot)
+        tokens.append(int(logits.argmax()))
+    return tokens
+
+
+def trace(rt) -> list[str]:
+    """Record, in order, each forward the runtime runs ("F") and each read of tokens by the host ("R")."""
+    order, forward, host = [], rt.model.forward, rt._host
+    rt.model.forward = lambda *a, **kw: order.append("F") or forward(*a, **kw)
+    rt._host = lambda fetch: order.append("R") or host(fetch)
+    return order
 
 
 def drain(rt):
@@ -101,6 +121,51 @@ def test_requests_wait_for_a_free_slot(llm):
     drain(rt)
     for r, p, n in zip(reqs, prompts, (2, 6, 4)):
         assert r.output == alone(llm, p)[:n] and r.finish_reason == "length"
+
+
+def test_decode_steps_run_ahead_of_the_hosts_reads(llm):
+    """With nothing to prefill, a step launches the next decode step before reading the tokens of
+    the one in flight, fed with them from the device; no step is wasted when a request ends by
+    its length, and the tokens are those of a plain greedy loop over model.forward."""
+    prompt = prompts_of((7,), salt=9)[0]
+    rt = runtime(llm, max_batch=2)
+    model, order = recorded(rt), trace(rt)
+    req = rt.add(prompt, GREEDY)
+    drain(rt)
+    # step 1: prefill, read its token, launch decode 1; steps 2-9: launch decode k, read decode
+    # k - 1; step 10: read decode 9, the tenth token
+    assert order == ["F", "R", "F"] + ["F", "R"] * 8 + ["R"]
+    assert model.shapes == [(1, 7)] + [(1, 1)] * 9
+    assert req.output == plain_greedy(llm, prompt, 10) and req.finish_reason == "length"
+
+
+def test_an_end_token_read_while_the_next_step_runs_drops_that_steps_token(llm):
+    a, b = prompts_of((5, 8), salt=10)
+    solo = plain_greedy(llm, a, 10)
+    j = next(i for i in range(2, 10) if solo[i] not in solo[:i])   # a token that first appears at j
+    rt = runtime(llm, max_batch=2)
+    model = recorded(rt)
+    ra = rt.add(a, SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[solo[j]], ignore_eos=True))
+    rb = rt.add(b, GREEDY)
+    waiting = rt.add(prompts_of((6,), salt=11)[0], GREEDY)   # gets a's slot once it is free
+    drain(rt)
+    assert ra.output == solo[:j] and ra.finish_reason == "stop"
+    assert rb.output == plain_greedy(llm, b, 10) and waiting.output == plain_greedy(llm, waiting.prompt, 10)
+    assert waiting.slot == ra.slot
+    # a's end token came from decode step j; step j + 1 was already running with a in it
+    assert model.shapes[:j + 2] == [(2, 8)] + [(2, 1)] * (j + 1)
+
+
+def test_a_repetition_penalty_keeps_the_batch_from_running_ahead(llm):
+    """Picking under a repetition penalty needs the tokens on the host: read, then launch."""
+    prompt = prompts_of((6,), salt=12)[0]
+    params = SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=6, ignore_eos=True)
+    rt = runtime(llm, max_batch=2)
+    order = trace(rt)
+    req = rt.add(prompt, params)
+    drain(rt)
+    assert order == ["F", "R", "F"] + ["R", "F"] * 4 + ["R"]
+    assert req.output == alone(llm, prompt, params)
 
 
 def test_text_events_concatenate_to_the_text_and_finish_once(llm):
