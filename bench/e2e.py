@@ -88,6 +88,7 @@ class Bf16WeightOps(CudaOps):
     addmm's epilogue. Everything else is CudaOps' own: embedding, RoPE + KV-cache write kernel,
     prompt attention (SDPA) and decode attention, final norm, LM head; and the LLM runtime path."""
     name = "cuda-bf16-weights"
+    rope_in_gemm = False   # that kernel multiplies int8 activations by 2-bit weights: torch matmul, then RoPE
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16, device="cuda"):
         super().__init__(dtype, device)

@@ -29,6 +29,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
 
 class CudaOps(TorchOps):
     name = "cuda"
+    rope_in_gemm = True   # q|k|v projections of 2-64 rows through the W2A8 GEMM with the RoPE epilogue
 
     def __init__(self, dtype: torch.dtype, device: torch.device | str = "cuda"):
         super().__init__(dtype, device)
@@ -81,7 +82,7 @@ class CudaOps(TorchOps):
         rows = positions.reshape(-1).long()
         row_slots = slots.long() if t == 1 else slots.long()[:, None].expand(b, t).reshape(-1)
         heads = w.segments[0] // k_cache.shape[3]
-        if b * t > 1 and k_cache.dtype == self.dtype and \
+        if self.rope_in_gemm and b * t > 1 and k_cache.dtype == self.dtype and \
                 kernels.gemm_rope_kv_fits(b * t, heads, k_cache.shape[1], k_cache.shape[3]):
             q = kernels.gemm_rope_kv(x_q.reshape(b * t, -1), x_scale, w.weight, w.in_features,
                                      list(itertools.accumulate(w.segments)), w.scales, rows, row_slots, cos, sin,

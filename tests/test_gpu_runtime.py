@@ -305,3 +305,33 @@ def test_full_2b4t_shapes_match_the_cpu_reference():
     same = next((i for i, (a, b) in enumerate(zip(graphs, expected)) if a != b), len(expected))
     print(f"2B-4T shapes: GPU and CPU greedy tokens agree on the first {same} of 64")
     assert same >= 1
+
+
+def test_e2e_bf16_weights_baseline_takes_any_prompt_length(tmp_path_factory, tiny_tokenizer_dir):
+    """bench/e2e.py's prefill baseline (dense bf16 weights through torch matmul, CudaOps for the rest)
+    on a head_dim-32 model, where a prompt of 2-64 tokens would go to the W2A8 GEMM with the RoPE
+    epilogue (int8 activations, 2-bit weights): it must take torch matmul and the RoPE kernel. By
+    causality a short prompt's logits are those of the same positions inside a longer prompt (two
+    launches of different shapes: within bf16 rounding)."""
+    import hf_models
+    from e2e import Bf16WeightOps
+    from engine.checkpoint import load_checkpoint
+    from engine.convert import convert
+
+    cfg = hf_models.bitnet_config(head_dim=32, num_attention_heads=4, hidden_size=128)
+    hf = tmp_path_factory.mktemp("hf32b") / "tiny-hd32"
+    hf_models.save_hf(hf, cfg, hf_models.random_bitnet_state(cfg, seed=4), "online", tokenizer_from=tiny_tokenizer_dir)
+    ckpt = convert(str(hf), tmp_path_factory.mktemp("ckpt32b") / "tiny-hd32", progress=False)
+    config, tensors = load_checkpoint(ckpt)
+    llm = LLM.from_tensors(config, tensors, LLM(ckpt).tokenizer, ops=Bf16WeightOps(torch.bfloat16, "cuda"),
+                           graphs=False)
+    ids = [(7 * i) % 250 + 3 for i in range(100)]
+    long = llm.logits(ids).cpu()
+    short = llm.logits(ids[:16]).cpu()   # 16 rows: the length that took the int8 kernel
+    assert torch.isfinite(long).all() and short.shape == (16, config.vocab_size)
+    spread = (long[:16].amax(dim=-1) - long[:16].amin(dim=-1)).min()
+    diff = (short - long[:16]).abs().max()
+    print(f"short against long prompt: max |logit difference| {diff:.4g}, logit range >= {spread:.4g}")
+    assert diff <= 0.02 * spread
+    out = llm.generate([ids[:16]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
