@@ -1,7 +1,9 @@
 """The model's forwards as CUDA graphs, so that the GPU, not the host's launch overhead, sets the pace.
 
 DecodeGraphs: the decode step (all layers, the LM head and the greedy pick), one graph per
-batch-size bucket, replayed with token ids, positions and cache slots held in device tensors.
+batch-size bucket, replayed with token ids, positions and cache slots held in device tensors (the
+ids copied from the host, or gathered on the device from the previous step's picks, which lets the
+runtime launch a step before it has read the one before: engine/runtime.py).
 Nothing about lengths is fixed at capture: the kernels read each row's position from the input
 tensor (attention spans 0..position, the KV write lands at position), and their grids depend only
 on the cache's shape. A batch smaller than its bucket is padded with copies of its first row,
