@@ -4,12 +4,17 @@ the wall time of the same step replayed as a CUDA graph. 2B-4T shapes, random te
 
     python bench/profile_decode.py [--batch 1] [--context 512] [--steps 20]
 
+Last, the replayed step kernel by kernel from CUPTI's timestamps (graph_timeline): with programmatic
+dependent launch kernels overlap, so each kernel's cost in the chain (previous kernel's end to its
+own) is what a step pays for it, not its duration.
+
 With BITNET_FUSED_DECODE=1 the step runs the one-launch decode kernel (csrc/decode_layers.cu), and
 its phases are broken down from the kernel's own timeline.
 """
 
 import argparse
 import collections
+import statistics
 import sys
 import tempfile
 import time
@@ -70,6 +75,79 @@ def fused_phases(model, cache, ids, positions, slots, runs: int = 5) -> None:
     print(f"  per layer (last blocks + barriers): {total:.1f} us")
 
 
+def short_name(kernel: str) -> str:
+    """`void ns::(anonymous namespace)::gemm_kernel<4, 1, ...>(...)` -> `gemm_kernel<4, 1, ...>` (60 chars)."""
+    name = kernel.split("(anonymous namespace)::")[-1].removeprefix("void ")
+    depth, out = 0, []
+    for ch in name:   # drop the argument list, keep template arguments
+        if ch == "(" and depth == 0:
+            break
+        depth += ch == "<"
+        depth -= ch == ">"
+        out.append(ch)
+    return "".join(out)[:60]
+
+
+def graph_timeline(graphs, tok, pos, slot, layers: int, replays: int = 20) -> None:
+    """Where a replayed decode step's time goes, kernel by kernel, under programmatic dependent launch
+    (kernel start and end times from CUPTI, through torch.profiler): for each kernel of a layer, the
+    median over layers and replays of its duration, how long before the previous kernel's end it
+    started, and its cost in the chain, from the previous kernel's end to its own. The costs of a
+    layer's kernels add up to the layer's time."""
+    cuda = torch.autograd.DeviceType.CUDA
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graphs.run(tok, pos, slot)
+        torch.cuda.synchronize()
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == cuda and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    print_timeline(kernels, replays, layers)
+
+
+def print_timeline(kernels: list[tuple[float, float, str]], replays: int, layers: int) -> None:
+    """graph_timeline's table from (start us, end us, name) of every kernel of `replays` steps."""
+    if not kernels or len(kernels) % replays:
+        print(f"graph timeline: {len(kernels)} kernel records for {replays} replays; not broken down")
+        return
+    per_step = len(kernels) // replays
+    steps = [kernels[i * per_step:(i + 1) * per_step] for i in range(replays)]
+    names = [k[2] for k in steps[0]]
+    first = next(i for i, n in enumerate(names) if "quantize_vec_kernel" in n)      # layer 0's input norm
+    last = max(i for i, n in enumerate(names) if "gemm_kernel" in n)                # the last layer's down
+    if (last + 1 - first) % layers:
+        print(f"graph timeline: {last + 1 - first} layer kernels do not split into {layers} layers")
+        return
+    width = (last + 1 - first) // layers
+    rows = collections.defaultdict(lambda: ([], [], []))   # position -> durations, early starts, costs
+
+    def add(key, step, i):
+        start, end, _ = step[i]
+        prev_end = step[i - 1][1] if i > 0 else start
+        rows[key][0].append(end - start)
+        rows[key][1].append(prev_end - start)
+        rows[key][2].append(end - prev_end)
+
+    for step in steps:
+        for i in range(first, last + 1):
+            add((i - first) % width, step, i)
+        for i in list(range(first)) + list(range(last + 1, per_step)):
+            add(("outside", i), step, i)
+    med = statistics.median
+    print(f"graph timeline ({replays} replays, {per_step} kernels each; us, medians over layers and replays):")
+    print(f"  {'kernel':<62} {'duration':>8} {'early':>6} {'cost':>6}")
+    total = 0.0
+    for p in range(width):
+        d, e, c = rows[p]
+        total += med(c)
+        print(f"  {short_name(names[first + p]):<62} {med(d):8.2f} {med(e):6.2f} {med(c):6.2f}")
+    print(f"  per layer: {total:.1f} us of chain cost, {layers} layers {total * layers:.0f} us")
+    for key in sorted(k for k in rows if isinstance(k, tuple)):
+        d, e, c = rows[key]
+        print(f"  {short_name(names[key[1]]):<62} {med(d):8.2f} {med(e):6.2f} {med(c):6.2f}  (outside the layers)")
+    span = med([s[-1][1] - s[0][0] for s in steps])
+    print(f"  first kernel's start to last kernel's end: {span:.0f} us")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
@@ -123,6 +201,7 @@ def main() -> int:
     step = (time.perf_counter() - start) / args.steps
     print(f"graph replay: {step * 1e6:.1f} us per step ({b / step:.0f} tok/s); "
           f"gaps and launch costs: {step * 1e6 - total / args.steps:.1f} us")
+    graph_timeline(graphs, tok, pos, slot, cfg.num_layers)
     return 0
 
 

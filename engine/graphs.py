@@ -23,6 +23,7 @@ import itertools
 import torch
 
 from .model import BitNetModel, KVCache
+from .sampling import argmax_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -59,7 +60,7 @@ class DecodeGraphs:
     def _forward(self, b: int):
         inputs = self.inputs[b]
         logits = self.model.forward(inputs[0, :, None], inputs[1, :, None], self.cache, inputs[2])
-        return logits, logits.argmax(dim=-1)
+        return logits, argmax_rows(logits)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

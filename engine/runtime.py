@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import BitNetModel
-from .sampling import SamplingParams, make_generator, pick
+from .sampling import SamplingParams, argmax_rows, make_generator, pick
 
 
 @dataclass(eq=False)
@@ -281,7 +281,7 @@ class Runtime:
         if logits is None:
             logits = self._prefill_forward(rows, start, end)
         logits = logits[:done]
-        tokens = self._host(self._fetch(self._pick(rows[:done], logits, logits.argmax(dim=-1)), 2)) if done else []
+        tokens = self._host(self._fetch(self._pick(rows[:done], logits, argmax_rows(logits)), 2)) if done else []
         self._prefill_at = end
         finished, self.prefilling = rows[:done], rows[done:]
         self.running += finished
@@ -323,7 +323,7 @@ class Runtime:
             inputs = _longs(ids + positions + slots).to(self.device)
             tokens = inputs[:n] if source is None else source.index_select(0, inputs[:n])
             logits = self.model.forward(tokens[:, None], inputs[n:2 * n, None], self.cache, inputs[2 * n:])
-            greedy = logits.argmax(dim=-1)
+            greedy = argmax_rows(logits)
         picked = self._pick(rows, logits, greedy)
         self._decode_buffer ^= 1   # the step in flight may still be copying into the other one
         return self._fetch(picked, self._decode_buffer), picked

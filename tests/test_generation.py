@@ -9,7 +9,7 @@ import hf_models as H
 from conftest import SHARED_TOKENIZER
 from engine import LLM, SamplingParams
 from engine.convert import convert
-from engine.sampling import make_generator, sample
+from engine.sampling import argmax_rows, make_generator, sample
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,29 @@ def test_greedy_and_degenerate_filters_pick_argmax():
     assert sample(LOGITS, SamplingParams(temperature=0), None, make_generator(0, "cpu")) == 4
     assert (draws(SamplingParams(top_k=1), 50) == 4).all()
     assert (draws(SamplingParams(top_p=0.01), 50) == 4).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("shape", [(1, 128256), (8, 128256), (2, 3, 4096), (3, 32003), (4, 300), (2, 100), (5, 1)])
+def test_argmax_rows_is_torch_argmax_first_index_on_ties(device, shape):
+    """The two-step greedy pick (vocabulary chunks, then their maxima) against torch.argmax, with the
+    largest value tied in two chunks and within one chunk (the first index wins), and a NaN (wins)."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    v = shape[-1]
+    for case in range(4):
+        x = torch.randn(*shape, generator=gen)
+        if case == 1 and v > 3:    # tied across the row: first, middle, last position
+            x[..., [v - 1, v // 2, 1]] = 50.0
+        if case == 2 and v > 3:    # tied at neighbours, inside one chunk
+            x[..., [2, 3]] = 50.0
+        if case == 3:
+            x[..., v // 3] = float("nan")
+        x = x.to(device)
+        got, want = argmax_rows(x), x.argmax(dim=-1)
+        assert got.shape == want.shape and torch.equal(got, want), (shape, case)
+    row = torch.randn(v, generator=gen).to(device)   # one row: a 0-d index, as torch.argmax(row)
+    assert argmax_rows(row).shape == () and int(argmax_rows(row)) == int(row.argmax())
 
 
 def test_temperature_sampling_follows_softmax():
