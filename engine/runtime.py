@@ -9,22 +9,23 @@ as soon as they finish (continuous batching). Used by LLM.generate and by the HT
 
 A step does, in this order:
 
-0. run ahead: when the step has nothing to prefill, launch the next decode step at once, fed
-   with the tokens of the one in flight straight from the device (their indices go to the graph's
-   inputs; the host has not read them yet). So the GPU goes from one decode step to the next
-   without waiting for the host to read tokens and launch. Such a step holds every request of
-   the one in flight that may go on: a request that the token being read ends (an end token)
-   gets its token in the step run ahead dropped. Requests with a repetition penalty need their
-   tokens on the host to pick the next, so a batch holding one does not run ahead;
+0. run ahead: when no prompt can be prefilled in this step (none is being prefilled, and none
+   waits or no slot is free or freed by a length reached now), launch the next decode step at
+   once, fed with the tokens of the one in flight straight from the device (their indices go to
+   the graph's inputs; the host has not read them yet). So the GPU goes from one decode step to
+   the next without waiting for the host to read tokens and launch. Such a step holds every
+   request of the one in flight that may go on: a request that the token being read ends (an end
+   token) gets its token in the step run ahead dropped. Requests with a repetition penalty need
+   their tokens on the host to pick the next, so a batch holding one does not run ahead;
 1. collect the tokens of the decode step launched by the previous step (the host waits here);
-2. prefill (unless the step ran ahead): run at most one forward of newcomers' prompts. Waiting requests that fit the free
-   cache slots are admitted together as a group whose padded size (rows x the longest prompt,
-   capped at prefill_chunk) stays within `prefill_tokens`; the group's prompts, right-padded
-   to a common length, go through the model together, in chunks of `prefill_chunk` positions
-   (one chunk per step, so running requests keep decoding between chunks of a long prompt).
-   Each row's first token is sampled from the logits at its own last prompt position, all of
-   them with one host synchronization. On a GPU a lone prompt's chunks are CUDA graph replays
-   (engine.graphs.PrefillGraphs); groups of prompts run eagerly;
+2. prefill (unless the step ran ahead): run at most one forward of newcomers' prompts. Waiting
+   requests that fit the free cache slots are admitted together as a group whose padded size
+   (rows x the longest prompt, capped at prefill_chunk) stays within `prefill_tokens`; the
+   group's prompts, right-padded to a common length, go through the model together, in chunks
+   of `prefill_chunk` positions (one chunk per step, so running requests keep decoding between
+   chunks of a long prompt). Each row's first token is sampled from the logits at its own last
+   prompt position, all of them with one host synchronization. On a GPU a lone prompt's chunks
+   are CUDA graph replays (engine.graphs.PrefillGraphs); groups of prompts run eagerly;
 3. launch the next decode step for every request that goes on, unless step 0 did (a CUDA graph
    replay on a GPU, engine.graphs; eager on the CPU). Its tokens are collected by the next step, so
 4. the host's bookkeeping of this step's tokens (detokenizing, stop strings, the events
