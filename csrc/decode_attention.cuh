@@ -153,7 +153,6 @@ __device__ __forceinline__ void attention_split_unit(const T* __restrict__ q, co
   float* s_red = s_l + GT;            // [kWarps][GT][head_dim] per-warp outputs at the end
 
   const int kvh = y / a.passes, g0 = (y % a.passes) * GT;
-  if (chained) allow_next_kernel();
   // The lengths and every cache entry but this step's own date from before this step's kernels
   // (launch.cuh): read them, and load the first tile of keys and values, while the previous kernel
   // (RoPE + the write of this step's key and value) finishes.
@@ -181,7 +180,13 @@ __device__ __forceinline__ void attention_split_unit(const T* __restrict__ q, co
     }
   };
   if (active) load_tile(c0, true);
-  if (chained) wait_for_previous_kernel();  // q and this step's key and value come from the previous kernel
+  if (chained) {
+    wait_for_previous_kernel();  // q and this step's key and value come from the previous kernel
+    // Only now let the next kernels launch: launched at the start, the combine kernel and the ones
+    // behind it (down to the o projection, loading its weights) came resident while the splits ran,
+    // and the step was slower (README, "GPU runtime").
+    allow_next_kernel();
+  }
   if (a.reset_counters && split == 0 && y == 0 && tid == 0) a.ws.counters[b] = 0;
   if (!active) return;
 #pragma unroll

@@ -2,9 +2,9 @@
 // finishes, doing work that does not depend on it before griddepcontrol.wait. On older GPUs the wait
 // and trigger compile to nothing and launches are ordinary.
 //
-// What a kernel may read before the wait: every kernel here lets the next one start at once, so
-// before its own wait a kernel may run beside any of the engine's kernels launched before it that
-// have not finished. It may read only what none of them writes: weights and tables, and what was
+// What a kernel may read before the wait: kernels here let the next one start at once (the decode
+// attention's split kernel only after its own wait), so before its own wait a kernel may run beside
+// any of the engine's kernels launched before it that have not finished. It may read only what none of them writes: weights and tables, and what was
 // written before the chain began, because torch's kernels and copies never let the next launch start
 // early. A decode step's positions, slots and its sequences' earlier cache entries are such data
 // (written by copies, or by earlier steps); this step's own key and value are not.
