@@ -237,18 +237,26 @@ class Float64AttentionOps(TorchOps):
         return out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * d).to(self.dtype)
 
 
-def test_head_dim_32_fused_rope_path_matches_cpu(tmp_path_factory, tiny_tokenizer_dir):
-    """head_dim 32: prompts of 2-64 tokens and batched decode steps take the q|k|v GEMM with RoPE and
-    the cache write in its epilogue (the tiny model's head_dim 16, and single rows, take the separate
-    RoPE kernel). CPU reference, GPU eager and graphs give the same 64 greedy tokens, alone and batched."""
+@pytest.fixture(scope="module")
+def hd32_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
+    """A converted tiny model with head_dim 32: the smallest head size whose prompts of 2-64 tokens take
+    the q|k|v GEMM with the RoPE epilogue (the tiny model's head_dim 16 takes the RoPE kernel)."""
     import hf_models
-    from engine import kernels
     from engine.convert import convert
 
     cfg = hf_models.bitnet_config(head_dim=32, num_attention_heads=4, hidden_size=128)
     hf = tmp_path_factory.mktemp("hf32") / "tiny-hd32"
     hf_models.save_hf(hf, cfg, hf_models.random_bitnet_state(cfg, seed=3), "online", tokenizer_from=tiny_tokenizer_dir)
-    ckpt = convert(str(hf), tmp_path_factory.mktemp("ckpt32") / "tiny-hd32", progress=False)
+    return convert(str(hf), tmp_path_factory.mktemp("ckpt32") / "tiny-hd32", progress=False)
+
+
+def test_head_dim_32_fused_rope_path_matches_cpu(hd32_checkpoint):
+    """head_dim 32: prompts of 2-64 tokens and batched decode steps take the q|k|v GEMM with RoPE and
+    the cache write in its epilogue (the tiny model's head_dim 16, and single rows, take the separate
+    RoPE kernel). CPU reference, GPU eager and graphs give the same 64 greedy tokens, alone and batched."""
+    from engine import kernels
+
+    ckpt = hd32_checkpoint
     assert kernels.gemm_rope_kv_fits(1, 4, 2, 32)
     cpu = LLM(ckpt, dtype=torch.float32)
     eager = LLM(ckpt, device="cuda", dtype=torch.float32, graphs=False)
@@ -307,21 +315,16 @@ def test_full_2b4t_shapes_match_the_cpu_reference():
     assert same >= 1
 
 
-def test_e2e_bf16_weights_baseline_takes_any_prompt_length(tmp_path_factory, tiny_tokenizer_dir):
+def test_e2e_bf16_weights_baseline_takes_any_prompt_length(hd32_checkpoint):
     """bench/e2e.py's prefill baseline (dense bf16 weights through torch matmul, CudaOps for the rest)
     on a head_dim-32 model, where a prompt of 2-64 tokens would go to the W2A8 GEMM with the RoPE
     epilogue (int8 activations, 2-bit weights): it must take torch matmul and the RoPE kernel. By
     causality a short prompt's logits are those of the same positions inside a longer prompt (two
     launches of different shapes: within bf16 rounding)."""
-    import hf_models
     from e2e import Bf16WeightOps
     from engine.checkpoint import load_checkpoint
-    from engine.convert import convert
 
-    cfg = hf_models.bitnet_config(head_dim=32, num_attention_heads=4, hidden_size=128)
-    hf = tmp_path_factory.mktemp("hf32b") / "tiny-hd32"
-    hf_models.save_hf(hf, cfg, hf_models.random_bitnet_state(cfg, seed=4), "online", tokenizer_from=tiny_tokenizer_dir)
-    ckpt = convert(str(hf), tmp_path_factory.mktemp("ckpt32b") / "tiny-hd32", progress=False)
+    ckpt = hd32_checkpoint
     config, tensors = load_checkpoint(ckpt)
     llm = LLM.from_tensors(config, tensors, LLM(ckpt).tokenizer, ops=Bf16WeightOps(torch.bfloat16, "cuda"),
                            graphs=False)
