@@ -398,6 +398,28 @@ Tensor lm_head_int8(const Tensor& x, const Tensor& w_q, const Tensor& scale, con
 }
 
 
+// ---- the greedy pick ----
+
+// logits fp32 [m, v] -> int64 [m], each row's first largest value's index (torch.argmax(dim=-1))
+Tensor argmax_rows(const Tensor& logits) {
+  check_2d_cuda(logits, "logits");
+  TORCH_CHECK(logits.scalar_type() == torch::kFloat32, "logits must be fp32, got ", logits.scalar_type());
+  const int64_t m = logits.size(0), v = logits.size(1);
+  TORCH_CHECK(m > 0 && v > 0, "logits must not be empty");
+  TORCH_CHECK(m <= 65535 && v < (1LL << 31), "logits of ", m, " rows of ", v, " values are too many for the kernel");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Tensor x = logits.contiguous();
+  const int64_t chunks = (v + bitnet::argmax_chunk(static_cast<int>(v)) - 1) / bitnet::argmax_chunk(static_cast<int>(v));
+  Tensor keys = torch::empty({m, chunks}, x.options().dtype(torch::kInt64));
+  Tensor ids = torch::empty({m}, x.options().dtype(torch::kInt64));
+  check_cuda(bitnet::argmax_rows(x.data_ptr<float>(), static_cast<int>(m), static_cast<int>(v),
+                                 reinterpret_cast<unsigned long long*>(keys.data_ptr<int64_t>()),
+                                 ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+             "argmax_rows");
+  return ids;
+}
+
+
 bitnet::DecodeShape decode_shape(int64_t layers, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                  int64_t ffn, const std::string& activation, double eps) {
   for (int64_t v : {layers, hidden, heads, kv_heads, head_dim, ffn})
@@ -520,6 +542,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("eps"), py::arg("activation"));
   m.def("lm_head_int8", &lm_head_int8, "the int8 LM head: fp32 logits of x against int8 rows with fp32 scales",
         py::arg("x"), py::arg("w_q"), py::arg("scale"), py::arg("out") = py::none());
+  m.def("argmax_rows", &argmax_rows, "each row's first largest value's index (torch.argmax(dim=-1))",
+        py::arg("logits"));
   m.def("decode_layer_table", &decode_layer_table, "the per-layer weight table of decode_layers", py::arg("weights"),
         py::arg("ends"), py::arg("scales"), py::arg("norms"));
   m.def("decode_layers_unsupported", &decode_layers_unsupported, "why decode_layers cannot run a model ('' if it can)",

@@ -185,4 +185,13 @@ constexpr int kLmHeadMaxK = 24576;
 cudaError_t lm_head_int8(const void* x, DType x_dtype, int m, int k, const int8_t* w, const float* scale, int v,
                          float* out, cudaStream_t stream);
 
+// ---- the greedy pick (argmax.cu) ----
+
+// ids[r] = the index of row r's first largest value of logits fp32 [m, v] (as torch.argmax(dim=-1);
+// -0 equals +0, a NaN beats everything). keys: scratch of m * ceil(v / argmax_chunk(v)) 64-bit words.
+// Two launches; 1 <= m <= 65535.
+int argmax_chunk(int v);
+cudaError_t argmax_rows(const float* logits, int m, int v, unsigned long long* keys, int64_t* ids,
+                        cudaStream_t stream);
+
 }  // namespace bitnet

@@ -13,7 +13,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "w2a8_gemm.cu", "w2a8_gemm_large.cu", "quantize.cu", "decode.cu", "decode_attention.cu",
-           "decode_layers.cu", "lm_head.cu")
+           "decode_layers.cu", "lm_head.cu", "argmax.cu")
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
 CHUNK_K = 128  # inputs per tile of the GEMM layout: activation rows are padded to a multiple of it
 
@@ -300,6 +300,19 @@ def lm_head_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: t
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous fp32 [{x.shape[0]}, {v}] tensor on {x.device}")
     return load().lm_head_int8(x.contiguous(), w_q, scale, out)
+
+
+# ---- the greedy pick -------------------------------------------------------------------------------
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits fp32 [m, V] on the GPU (1 <= m <= 65535) -> int64 [m]: each row's first largest value's
+    index, as torch.argmax(dim=-1) (-0 equals +0; a NaN beats everything), in two launches."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or not logits.is_cuda or logits.numel() == 0:
+        raise ValueError(f"logits must be a non-empty 2-D fp32 CUDA tensor, got {logits.dtype} "
+                         f"{list(logits.shape)} on {logits.device}")
+    if logits.shape[0] > 65535:
+        raise ValueError(f"argmax_rows takes at most 65535 rows, got {logits.shape[0]}")
+    return load().argmax_rows(logits)
 
 
 # ---- every layer of a decode step in one persistent kernel (csrc/decode_layers.cu) -------------------

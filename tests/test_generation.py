@@ -37,11 +37,13 @@ def test_greedy_and_degenerate_filters_pick_argmax():
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("shape", [(1, 128256), (8, 128256), (2, 3, 4096), (3, 32003), (4, 300), (2, 100), (5, 1)])
 def test_argmax_rows_is_torch_argmax_first_index_on_ties(device, shape):
-    """The two-step greedy pick (vocabulary chunks, then their maxima) against torch.argmax, with the
-    largest value tied in two chunks and within one chunk (the first index wins), and a NaN (wins)."""
+    """The two-step greedy pick (vocabulary chunks, then their maxima: torch on the CPU, the kernel of
+    csrc/argmax.cu on a GPU) against torch.argmax, with the largest value tied in two chunks and
+    within one chunk (the first index wins), -0 tied with +0, rows of -inf and +inf, extremes, and
+    NaNs of either sign (the first wins)."""
     gen = torch.Generator().manual_seed(shape[-1])
     v = shape[-1]
-    for case in range(4):
+    for case in range(8):
         x = torch.randn(*shape, generator=gen)
         if case == 1 and v > 3:    # tied across the row: first, middle, last position
             x[..., [v - 1, v // 2, 1]] = 50.0
@@ -49,11 +51,35 @@ def test_argmax_rows_is_torch_argmax_first_index_on_ties(device, shape):
             x[..., [2, 3]] = 50.0
         if case == 3:
             x[..., v // 3] = float("nan")
+        if case == 4 and v > 5:    # the largest is zero: -0 first, then +0
+            x = -x.abs() - 1
+            x[..., 2], x[..., 5] = -0.0, 0.0
+        if case == 5:              # nothing but -inf (index 0), then +inf at the end
+            x = torch.full(shape, float("-inf"))
+            if v > 1 and x.dim() > 1:
+                x[0, ..., v - 1] = float("inf")
+        if case == 6 and v > 7:    # a NaN with the sign bit set before a plain one
+            x[..., v // 3] = float("nan")
+            x[..., v // 7] = -torch.tensor(float("nan"))
+        if case == 7:              # the largest and smallest floats
+            x[..., v // 2] = -3.4e38
+            x[..., v - 1] = 3.4e38
         x = x.to(device)
         got, want = argmax_rows(x), x.argmax(dim=-1)
         assert got.shape == want.shape and torch.equal(got, want), (shape, case)
     row = torch.randn(v, generator=gen).to(device)   # one row: a 0-d index, as torch.argmax(row)
     assert argmax_rows(row).shape == () and int(argmax_rows(row)) == int(row.argmax())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_argmax_kernel_refuses_what_it_cannot_take():
+    from engine import kernels
+
+    for bad in (torch.zeros(2, 5, device="cuda", dtype=torch.bfloat16), torch.zeros(2, 5),
+                torch.zeros(2, 3, 5, device="cuda"), torch.zeros(0, 5, device="cuda"),
+                torch.zeros(65536, 2, device="cuda")):
+        with pytest.raises(ValueError):
+            kernels.argmax_rows(bad)
 
 
 def test_temperature_sampling_follows_softmax():
