@@ -77,9 +77,10 @@ cudaError_t argmax_rows(const float* logits, int m, int v, unsigned long long* k
                         cudaStream_t stream) {
   if (m <= 0 || v <= 0 || m > 65535) return cudaErrorInvalidValue;
   const int chunk = argmax_chunk(v), chunks = ceil_div(v, chunk);
-  cudaError_t err = launch_pdl(chunk_keys_kernel, dim3(chunks, m), dim3(kThreads), 0, stream, logits, v, chunk, keys);
+  cudaError_t err =
+      launch_pdl(chunk_keys_kernel, dim3(chunks, m), dim3(kThreads), 0, stream, m, logits, v, chunk, keys);
   if (err != cudaSuccess) return err;
-  return launch_pdl(row_pick_kernel, dim3(m), dim3(kThreads), 0, stream,
+  return launch_pdl(row_pick_kernel, dim3(m), dim3(kThreads), 0, stream, m,
                     static_cast<const unsigned long long*>(keys), chunks, ids);
 }
 

@@ -67,7 +67,7 @@ cudaError_t launch_rope(const void* qkv, int rows, int heads, const int64_t* pos
                         cudaStream_t stream) {
   const int items = rope_kv_items(heads, cache);
   const dim3 grid(rows, ceil_div(items, kRopeThreads));
-  return launch_pdl(rope_kv_kernel<T>, grid, dim3(kRopeThreads), 0, stream, static_cast<const T*>(qkv), positions,
+  return launch_pdl(rope_kv_kernel<T>, grid, dim3(kRopeThreads), 0, stream, rows, static_cast<const T*>(qkv), positions,
                     slots, cos, sin, table_len, heads, cache, static_cast<T*>(q_out));
 }
 
@@ -77,9 +77,10 @@ cudaError_t launch_act(const void* gate_up, const void* weight, int m, int f, in
   const T* x = static_cast<const T*>(gate_up);
   const T* w = static_cast<const T*>(weight);
   if (const int threads = register_row_threads<T>(f, x, w))
-    return launch_pdl(act_quant_vec_kernel<T, kAct>, dim3(m), dim3(threads), 0, stream, x, w, f, k_stride, eps, x_q,
+    return launch_pdl(act_quant_vec_kernel<T, kAct>, dim3(m), dim3(threads), 0, stream, m, x, w, f, k_stride, eps, x_q,
                       scale);
-  return launch_pdl(act_quant_loop_kernel<T, kAct>, dim3(m), dim3(256), 0, stream, x, w, f, k_stride, eps, x_q, scale);
+  return launch_pdl(act_quant_loop_kernel<T, kAct>, dim3(m), dim3(256), 0, stream, m, x, w, f, k_stride, eps, x_q,
+                    scale);
 }
 
 template <typename T>

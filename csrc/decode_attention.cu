@@ -57,8 +57,8 @@ cudaError_t launch_split(const T* q, const T* k, const T* v, const SplitArgs& ar
   constexpr int kTile = kThreads / LPK * KPG;
   const size_t smem = (size_t)(GT * kTile + 3 * GT + kWarps * GT * args.head_dim) * sizeof(float);
   const dim3 grid(args.splits, args.kv_heads * args.passes, batch);
-  return launch_pdl(attention_split_kernel<T, LPK, EPL, kVec, GT, KPG>, grid, dim3(kThreads), smem, stream, q, k, v,
-                    args);
+  return launch_pdl(attention_split_kernel<T, LPK, EPL, kVec, GT, KPG>, grid, dim3(kThreads), smem, stream, batch,
+                    q, k, v, args);
 }
 
 // Lanes per key row and elements per lane: 16-byte vectors for the common head sizes, else scalar.
@@ -106,10 +106,10 @@ cudaError_t launch_typed(const T* q, int batch, int heads, const int64_t* slots,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
       if (e != cudaSuccess) return e;
     }
-    return launch_pdl(attention_combine_kernel<T, true>, grid, dim3(kCombineThreads), smem, stream,
+    return launch_pdl(attention_combine_kernel<T, true>, grid, dim3(kCombineThreads), smem, stream, batch,
                       static_cast<T*>(ws.row), ca);
   }
-  return launch_pdl(attention_combine_kernel<T, false>, grid, dim3(kCombineThreads), 0, stream, out, ca);
+  return launch_pdl(attention_combine_kernel<T, false>, grid, dim3(kCombineThreads), 0, stream, batch, out, ca);
 }
 
 bool valid_shape(int batch, int heads, const KVCacheLayer& c, int splits) {

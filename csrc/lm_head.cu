@@ -269,7 +269,7 @@ cudaError_t launch(const T* x, int m, int k, const int8_t* w, const float* scale
   for (int first = 0; first < mtiles; first += kMaxGridY) {  // more m-tiles than a grid holds: several launches
     const int tiles = std::min(mtiles - first, kMaxGridY);
     const int row0 = first * MT;
-    err = launch_pdl(kernel, dim3(blocks, tiles), dim3(kThreads), smem, stream, x + (size_t)row0 * k,
+    err = launch_pdl(kernel, dim3(blocks, tiles), dim3(kThreads), smem, stream, m, x + (size_t)row0 * k,
                      std::min(m - row0, tiles * MT), k, w, scale, v, out + (size_t)row0 * v);
     if (err != cudaSuccess) return err;
   }

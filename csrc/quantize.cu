@@ -96,8 +96,8 @@ cudaError_t launch_rmsnorm(const void* x, const void* weight, int m, int k, floa
   const T* wt = static_cast<const T*>(weight);
   T* o = static_cast<T*>(out);
   if (const int threads = register_row_threads<T>(k, x, weight, out))
-    return launch_pdl(rmsnorm_vec_kernel<T>, dim3(m), dim3(threads), 0, stream, xt, wt, k, eps, o);
-  return launch_pdl(rmsnorm_loop_kernel<T>, dim3(m), dim3(256), 0, stream, xt, wt, k, eps, o);
+    return launch_pdl(rmsnorm_vec_kernel<T>, dim3(m), dim3(threads), 0, stream, m, xt, wt, k, eps, o);
+  return launch_pdl(rmsnorm_loop_kernel<T>, dim3(m), dim3(256), 0, stream, m, xt, wt, k, eps, o);
 }
 
 template <typename T, bool kNorm>
@@ -106,9 +106,9 @@ cudaError_t launch_typed(const void* x, const void* weight, int m, int k, int k_
   const T* xt = static_cast<const T*>(x);
   const T* wt = static_cast<const T*>(weight);
   if (const int threads = register_row_threads<T>(k, x, kNorm ? weight : nullptr))
-    return launch_pdl(quantize_vec_kernel<T, kNorm>, dim3(m), dim3(threads), 0, stream, xt, wt, k, k_stride, eps, x_q,
-                      scale);
-  return launch_pdl(quantize_loop_kernel<T, kNorm>, dim3(m), dim3(256), 0, stream, xt, wt, k, k_stride, eps, x_q,
+    return launch_pdl(quantize_vec_kernel<T, kNorm>, dim3(m), dim3(threads), 0, stream, m, xt, wt, k, k_stride, eps,
+                      x_q, scale);
+  return launch_pdl(quantize_loop_kernel<T, kNorm>, dim3(m), dim3(256), 0, stream, m, xt, wt, k, k_stride, eps, x_q,
                     scale);
 }
 

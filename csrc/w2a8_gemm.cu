@@ -322,7 +322,7 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
   const int ntiles = ceil_div(n, kTileRows), nchunks = ceil_div(k, kChunkK);
   const dim3 grid(ceil_div(ntiles, RT), ceil_div(m, 8 * NT));
   const size_t smem = (size_t)warps * (RT * NT * 128 + 8 * NT) * sizeof(int) + (kRope ? NT * 128 * sizeof(RopeInput) : 0);
-  return launch_pdl(gemm_kernel<RT, NT, Out, kRope>, grid, dim3(warps * 32), smem, stream, x_q, x_scale, m,
+  return launch_pdl(gemm_kernel<RT, NT, Out, kRope>, grid, dim3(warps * 32), smem, stream, m, x_q, x_scale, m,
                     nchunks * kChunkK, reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
                     static_cast<const Out*>(residual), static_cast<Out*>(out), rope);
 }

@@ -409,7 +409,7 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
   const int ntiles = ceil_div(n, kTileRows), nchunks = ceil_div(k, kChunkK);
   const dim3 grid(ceil_div(n, T::kRows), ceil_div(m, T::kTokens), splits);
   return launch_pdl_cluster(large_gemm_kernel<T, Out>, grid, dim3(T::kThreads), splits > 1 ? T::kSmemSplit : T::kSmem,
-                            stream, dim3(1, 1, splits), x_q, x_scale, m, nchunks * kChunkK,
+                            stream, dim3(1, 1, splits), m, x_q, x_scale, m, nchunks * kChunkK,
                             reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
                             static_cast<const Out*>(residual), static_cast<Out*>(out));
 }
