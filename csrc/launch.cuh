@@ -63,7 +63,8 @@ inline bool device_supports_pdl() {
 // (512-token context) 1,129-1,134 against 1,155-1,156, batch 2 1,167 against 1,197-1,199, batch 4
 // 1,208-1,209 against 1,236-1,237, batch 8 1,350-1,352 against 1,391-1,392. From 16 rows the small
 // L1 costs more than it saves (batch 16 1,769-1,771 against 1,735-1,737, batch 64 3,781-3,783
-// against 3,595-3,597), so there the driver's choice stands.
+// against 3,595-3,597), so there the driver's choice stands. Without programmatic dependent launch
+// (before Hopper, or BITNET_NO_PDL) nothing overlaps, and the driver's choice stands too.
 constexpr int kSharedRows = 8;
 
 // Launch `kernel` for `rows` token rows with programmatic stream serialization where the GPU
@@ -89,7 +90,7 @@ cudaError_t launch_pdl_cluster(void (*kernel)(Params...), dim3 grid, dim3 block,
     attribute[count].val.clusterDim.y = cluster.y;
     attribute[count++].val.clusterDim.z = cluster.z;
   }
-  if (rows <= kSharedRows) {
+  if (pdl && rows <= kSharedRows) {  // the drains matter where kernels overlap
     attribute[count].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
     attribute[count++].val.sharedMemCarveout = cudaSharedmemCarveoutMaxShared;
   }
