@@ -409,7 +409,7 @@ Tensor argmax_rows(const Tensor& logits) {
   TORCH_CHECK(m <= 65535 && v < (1LL << 31), "logits of ", m, " rows of ", v, " values are too many for the kernel");
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor x = logits.contiguous();
-  const int64_t chunks = (v + bitnet::argmax_chunk(static_cast<int>(v)) - 1) / bitnet::argmax_chunk(static_cast<int>(v));
+  const int64_t chunk = bitnet::argmax_chunk(static_cast<int>(v)), chunks = (v + chunk - 1) / chunk;
   Tensor keys = torch::empty({m, chunks}, x.options().dtype(torch::kInt64));
   Tensor ids = torch::empty({m}, x.options().dtype(torch::kInt64));
   check_cuda(bitnet::argmax_rows(x.data_ptr<float>(), static_cast<int>(m), static_cast<int>(v),

@@ -55,16 +55,12 @@ inline bool device_supports_pdl() {
 }
 
 // An SM's shared memory / L1 split is set for each launch: by the driver from what the kernel needs,
-// unless the launch states a preference. Left to itself it likely gives the GEMVs and row kernels
-// little shared memory and attention more, and the measurements fit kernels of different splits not
-// sharing an SM: under programmatic dependent launch the next kernel's blocks then wait for the
-// previous kernel's to leave. Launches of up to kSharedRows rows therefore all ask for the largest
-// shared memory split (L1 keeps 28 KB). Graph replay on an H100, us per decode step: batch 1
-// (512-token context) 1,129-1,134 against 1,155-1,156, batch 2 1,167 against 1,197-1,199, batch 4
-// 1,208-1,209 against 1,236-1,237, batch 8 1,350-1,352 against 1,391-1,392. From 16 rows the small
-// L1 costs more than it saves (batch 16 1,769-1,771 against 1,735-1,737, batch 64 3,781-3,783
-// against 3,595-3,597), so there the driver's choice stands. Without programmatic dependent launch
-// (before Hopper, or BITNET_NO_PDL) nothing overlaps, and the driver's choice stands too.
+// unless the launch states a preference. Kernels of different splits appear not to share an SM, so
+// under programmatic dependent launch the next kernel's blocks wait for the previous kernel's to
+// leave. Launches of up to kSharedRows rows therefore all ask for the largest shared memory split
+// (L1 keeps 28 KB): decode steps of 1-8 rows 2-3% faster on an H100. From 16 rows the small L1 costs
+// more than it saves (64 rows: 5% slower), so there, and without PDL (nothing overlaps), the
+// driver's choice stands. Figures: README, "One shared memory split for small batches".
 constexpr int kSharedRows = 8;
 
 // Launch `kernel` for `rows` token rows with programmatic stream serialization where the GPU
