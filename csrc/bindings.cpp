@@ -167,7 +167,8 @@ int64_t check_gemm_input(const Tensor& x_q, const Tensor& x_scale, const Tensor&
 Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64_t n, int64_t k,
             const std::vector<int64_t>& segment_ends, const std::vector<double>& segment_scales,
             const std::optional<Tensor>& residual, torch::ScalarType out_dtype, const std::optional<Tensor>& out,
-            int64_t row_tiles_per_block, int64_t warps, int64_t kernel, int64_t large_tile, int64_t large_splits) {
+            int64_t row_tiles_per_block, int64_t warps, int64_t kernel, int64_t large_tile, int64_t large_splits,
+            int64_t unroll) {
   const int64_t m = check_gemm_input(x_q, x_scale, tiled, n, k);
   const bitnet::Segments seg = segments_of(segment_ends, segment_scales, n);
   bitnet::DType dtype;
@@ -181,8 +182,9 @@ Tensor gemm(const Tensor& x_q, const Tensor& x_scale, const Tensor& tiled, int64
   TORCH_CHECK(large_tile >= 0 && large_tile <= 3, "large_tile must be 0 (auto) or 1..3, got ", large_tile);
   TORCH_CHECK(large_splits >= 0 && large_splits <= bitnet::kMaxSplits, "large_splits must be 0 (auto) or 1..",
               bitnet::kMaxSplits, ", got ", large_splits);
+  TORCH_CHECK(unroll == 0 || unroll == 2 || unroll == 4, "unroll must be 0 (by shape), 2 or 4, got ", unroll);
   bitnet::GemmConfig cfg{static_cast<int>(row_tiles_per_block), static_cast<int>(warps), static_cast<int>(kernel),
-                         static_cast<int>(large_tile), static_cast<int>(large_splits)};
+                         static_cast<int>(large_tile), static_cast<int>(large_splits), static_cast<int>(unroll)};
   check_cuda(bitnet::w2a8_gemm(x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), m,
                                reinterpret_cast<const uint32_t*>(tiled.data_ptr<int>()), n, k, seg,
                                res.defined() ? res.data_ptr() : nullptr, y.data_ptr(), dtype, cfg,
@@ -563,6 +565,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("k"), py::arg("segment_ends"), py::arg("segment_scales"), py::arg("residual") = py::none(),
         py::arg("out_dtype") = torch::kBFloat16, py::arg("out") = py::none(), py::arg("row_tiles_per_block") = 0,
         py::arg("warps") = 0, py::arg("kernel") = 0, py::arg("large_tile") = 0,
-        py::arg("large_splits") = 0);
+        py::arg("large_splits") = 0, py::arg("unroll") = 0);
 
 }

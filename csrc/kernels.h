@@ -29,6 +29,7 @@ struct GemmConfig {
   int kernel;               // 0 auto (by m), 1 small-M (w2a8_gemm.cu), 2 large-M (w2a8_gemm_large.cu)
   int large_tile;           // large-M block tile (tokens x rows): 1 128x256, 2 128x128, 3 64x128
   int large_splits;         // large-M: blocks (a cluster) sharing each tile's K, 1..kMaxSplits
+  int unroll;               // small-M kernel: chunks per warp loaded at once, 2 or 4 (0: by shape)
 };
 constexpr int kMaxSplits = 4;
 

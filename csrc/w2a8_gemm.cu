@@ -16,7 +16,7 @@
 // A warp reads one 512-byte tile per chunk: fully coalesced.
 //
 // Parallelism: a block owns RT row tiles and 8 * NT tokens; its warps split the chunks (K) between
-// them, each issuing all the loads of kUnroll chunks before the first MMA, then the partial int32
+// them, each issuing all the loads of U chunks before the first MMA, then the partial int32
 // sums are added in shared memory (exact, order-free) and the epilogue writes the outputs.
 // On Hopper the first weight loads are issued before waiting for the previous kernel (whose output
 // is this kernel's input), so HBM latency and the launch overlap the previous kernel's tail; right
@@ -38,7 +38,6 @@
 namespace bitnet {
 namespace {
 
-constexpr int kUnroll = 4;
 // Above this many tokens w2a8_gemm runs the shared-memory tiled kernel of w2a8_gemm_large.cu
 // (prefill); at or below, this one (decode). Tune with bench/kernels.py --sweep (its crossover rows).
 constexpr int kLargeMThreshold = 64;
@@ -80,7 +79,7 @@ struct RopeInput {
   int pos, slot;  // pos -1: the position or slot lies outside the cache or the tables
 };
 
-template <int RT, int NT, typename Out, bool kRope>
+template <int RT, int NT, int U, typename Out, bool kRope>
 __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale,
                                                    int m, int k_stride, const uint4* __restrict__ w, int n,
                                                    int ntiles, int nchunks, Segments seg,
@@ -168,12 +167,12 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
     }
   }
   bool waited = false;
-  for (int base = warp; base < nchunks; base += nwarps * kUnroll) {
-    uint32_t wv[kUnroll][RT][4];
-    uint32_t xv[kUnroll][NT][8];
-    // issue every load of kUnroll chunks before the first use; weights first
+  for (int base = warp; base < nchunks; base += nwarps * U) {
+    uint32_t wv[U][RT][4];
+    uint32_t xv[U][NT][8];
+    // issue every load of U chunks before the first use; weights first
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int c = base + u * nwarps;
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
@@ -188,7 +187,7 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
       waited = true;
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int c = base + u * nwarps;
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
@@ -207,7 +206,7 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (base + u * nwarps >= nchunks) break;  // warp-uniform
 #pragma unroll
       for (int t = 0; t < NT; ++t)
@@ -315,14 +314,20 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
   }
 }
 
-template <int RT, int NT, typename Out, bool kRope = false>
+// U: chunks per warp whose loads are in flight at once (registers: U * (4 RT + 8 NT) for them)
+template <int RT, int NT, typename Out, bool kRope = false, int U = 4>
 cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
                    const Segments& seg, const void* residual, void* out, int warps, cudaStream_t stream,
                    const RopeKV& rope = {}) {
   const int ntiles = ceil_div(n, kTileRows), nchunks = ceil_div(k, kChunkK);
   const dim3 grid(ceil_div(ntiles, RT), ceil_div(m, 8 * NT));
   const size_t smem = (size_t)warps * (RT * NT * 128 + 8 * NT) * sizeof(int) + (kRope ? NT * 128 * sizeof(RopeInput) : 0);
-  return launch_pdl(gemm_kernel<RT, NT, Out, kRope>, grid, dim3(warps * 32), smem, stream, m, x_q, x_scale, m,
+  const auto kernel = gemm_kernel<RT, NT, U, Out, kRope>;
+  if (smem > 48 * 1024) {  // many warps of RT = 4, NT = 2
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_pdl(kernel, grid, dim3(warps * 32), smem, stream, m, x_q, x_scale, m,
                     nchunks * kChunkK, reinterpret_cast<const uint4*>(tiled), n, ntiles, nchunks, seg,
                     static_cast<const Out*>(residual), static_cast<Out*>(out), rope);
 }
@@ -330,26 +335,36 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
 // Default launch shape, from sweeps (bench/kernels.py --sweep; kernels back to back in a CUDA graph
 // with PDL; up to 8 tokens on an H200, above on an H100): the kernel is latency-bound, so at one token
 // group split K over many warps (one or two chunks each) and give a block several row tiles only when
-// the matrix is very tall or very deep.
+// the matrix is very tall or very deep. From 9 tokens every block also reads its 16 tokens'
+// activations: at 16, a tall matrix of few chunks runs as many small blocks that are all resident at
+// once; with several token groups, tall and deep matrices take four row tiles per block.
 GemmConfig default_config(int m, int ntiles, int nchunks) {
   GemmConfig cfg{};
+  cfg.unroll = 4;
+  const bool tall = ntiles >= 800, deep = nchunks >= 48;
   if (m <= 8) {
-    if (ntiles >= 800) {  // gate|up: 13824 rows best at (4, 8), 20480 x 3200 at (2, 8)
+    if (tall) {  // gate|up: 13824 rows best at (4, 8), 20480 x 3200 at (2, 8)
       cfg.warps = 8;
       cfg.row_tiles_per_block = nchunks <= 20 ? 4 : 2;
     } else {
       cfg.warps = nchunks <= 32 ? 12 : 16;
-      cfg.row_tiles_per_block = nchunks >= 48 || ntiles >= 300 ? 2 : 1;
+      cfg.row_tiles_per_block = deep || ntiles >= 300 ? 2 : 1;
     }
-  } else if (m <= 16) {  // one group of 16 tokens: activation traffic grows with the number of blocks
-    // (H100, M = 16: gate|up 7.84-8.07 us at 8 warps against 8.24-8.95 at 4, in four runs)
-    cfg.warps = ntiles < 300 ? 16 : 8;
-    cfg.row_tiles_per_block = 2;
-  } else {  // several token groups fill the GPU already: fewer warps per block, fewer for deep or tall
-    // matrices from 33 tokens (H100, M = 32 / 64: qkv 4.77 / 7.81 us against 5.87 / 11.21 at 16 warps,
-    // down 7.24 / 12.03 against 8.45 / 12.74; gate|up 22.57 at M = 64 against 24.56 at 8 warps)
-    cfg.warps = m > 32 && (ntiles >= 800 || nchunks >= 48) ? 4 : 8;
-    cfg.row_tiles_per_block = 2;
+  } else if (m <= 16) {
+    if (tall && nchunks <= 20) {  // 2B-4T gate|up: 7.54-7.58 us against 7.93-8.05 at (2, 8) (two runs)
+      cfg.warps = 4, cfg.row_tiles_per_block = 1, cfg.unroll = 2;
+    } else {  // 8 warps for tall matrices, 16 for the rest (gate|up 7.84-8.07 us at 8 warps against 8.24-8.95 at 4)
+      cfg.warps = ntiles < 300 ? 16 : 8;
+      cfg.row_tiles_per_block = 2;
+    }
+  } else if (tall) {  // several token groups: four row tiles (H100: gate|up 12.56 / 21.71 us at M = 32 / 64
+    // against 13.61 / 22.32 for (2, 8) and (2, 4); 20480 x 3200 19.94 / 34.14 against 20.75 / 35.05)
+    cfg.warps = 8, cfg.row_tiles_per_block = 4;
+  } else if (deep) {  // down 6.72 / 10.46 us at M = 32 / 64 against 7.14 / 11.96 for (2, 8) and (2, 4);
+    // 3200 x 10240 9.40 / 14.06 against 9.96 / 16.56
+    cfg.warps = m > 32 ? 8 : 16, cfg.row_tiles_per_block = 4;
+  } else {  // q|k|v and o: (2, 8) within 4% of each shape's best at M = 32 and 64
+    cfg.warps = 8, cfg.row_tiles_per_block = 2;
   }
   return cfg;
 }
@@ -359,6 +374,15 @@ int warps_of(const GemmConfig& cfg, const GemmConfig& def, int nchunks) {
   return warps < 1 ? 1 : (warps > 16 ? 16 : (warps > nchunks ? nchunks : warps));
 }
 
+// The launch for `rt` row tiles per block. RT = 4 with 16 tokens keeps two chunks in flight per warp
+// whatever U asks: four would spill.
+template <int NT, int U, typename Out, typename... Args>
+cudaError_t launch_row_tiles(int rt, Args... args) {
+  if (rt >= 4) return launch<4, NT, Out, false, NT == 2 ? 2 : U>(args...);
+  if (rt == 2) return launch<2, NT, Out, false, U>(args...);
+  return launch<1, NT, Out, false, U>(args...);
+}
+
 template <typename Out>
 cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
                      const Segments& seg, const void* residual, void* out, GemmConfig cfg, cudaStream_t stream) {
@@ -366,13 +390,13 @@ cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint3
   const GemmConfig def = default_config(m, ceil_div(n, kTileRows), nchunks);
   const int warps = warps_of(cfg, def, nchunks);
   const int rt = cfg.row_tiles_per_block > 0 ? cfg.row_tiles_per_block : def.row_tiles_per_block;
+  const bool two = (cfg.unroll > 0 ? cfg.unroll : def.unroll) == 2;
   if (m <= 8) {
-    if (rt >= 4) return launch<4, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
-    if (rt == 2) return launch<2, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
-    return launch<1, 1, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+    if (two) return launch_row_tiles<1, 2, Out>(rt, x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+    return launch_row_tiles<1, 4, Out>(rt, x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
   }
-  if (rt >= 2) return launch<2, 2, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
-  return launch<1, 2, Out>(x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+  if (two) return launch_row_tiles<2, 2, Out>(rt, x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
+  return launch_row_tiles<2, 4, Out>(rt, x_q, x_scale, m, tiled, n, k, seg, residual, out, warps, stream);
 }
 
 // The q|k|v projection with the RoPE epilogue: two row tiles per block (a pair); 8 warps up to 8 tokens

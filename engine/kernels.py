@@ -112,10 +112,11 @@ def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, 
          segment_ends: list[int], segment_scales: list[float], residual: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
          row_tiles_per_block: int = 0, warps: int = 0, kernel: str = "auto", large_tile: int = 0,
-         large_splits: int = 0) -> torch.Tensor:
+         large_splits: int = 0, unroll: int = 0) -> torch.Tensor:
     """[m, n] = dequantized x_q [m, k] . W^T (int32 dot products when out_dtype is torch.int32).
 
-    kernel: "auto" (by m), "small" (the decode GEMV / small-M kernel: row_tiles_per_block, warps) or
+    kernel: "auto" (by m), "small" (the decode GEMV / small-M kernel: row_tiles_per_block, warps and
+    unroll, the chunks each warp loads at once, 2 or 4; 0 = by shape) or
     "large" (the prefill kernel: large_tile, a key of LARGE_TILES, and large_splits, one of
     LARGE_SPLITS; 0 = by shape). Same numbers from all.
     """
@@ -125,10 +126,12 @@ def gemm(x_q: torch.Tensor, x_scale: torch.Tensor, tiled: torch.Tensor, n: int, 
         raise ValueError(f"large_tile must be 0 (by shape) or one of {list(LARGE_TILES)}, got {large_tile!r}")
     if large_splits != 0 and large_splits not in LARGE_SPLITS:
         raise ValueError(f"large_splits must be 0 (by shape) or one of {list(LARGE_SPLITS)}, got {large_splits!r}")
+    if unroll not in (0, 2, 4):
+        raise ValueError(f"unroll must be 0 (by shape), 2 or 4, got {unroll!r}")
     _check_gemm_inputs(x_q, tiled, n, k, segment_ends, segment_scales)
     return load().gemm(as_gemm_input(x_q), x_scale.reshape(-1).float().contiguous(), tiled, n, k,
                        list(segment_ends), [float(s) for s in segment_scales], residual, out_dtype, out,
-                       row_tiles_per_block, warps, GEMM_KERNELS[kernel], large_tile, large_splits)
+                       row_tiles_per_block, warps, GEMM_KERNELS[kernel], large_tile, large_splits, unroll)
 
 
 # ---- the decode step ------------------------------------------------------------------------------

@@ -72,16 +72,16 @@ def test_every_m_up_to_16_and_beyond(k):
         assert torch.equal(gpu_gemm_int32(k, x, w), int_dot(x, w)), f"M={m}"
 
 
-@pytest.mark.parametrize("config", [(1, 1), (2, 3), (4, 8), (1, 16), (2, 5)])
+@pytest.mark.parametrize("config", [(1, 1, 4), (2, 3, 2), (4, 8, 4), (4, 16, 2), (1, 16, 2), (2, 5, 4), (1, 4, 2)])
 def test_every_launch_configuration_is_exact(k, config):
     gen = torch.Generator().manual_seed(2)
     n, kk = 1000, 2560
     w = ternary(n, kk, gen)
     tiled = k.repack(pack_ternary(w).cuda(), n, kk)
-    for m in (1, 5, 12):
+    for m in (1, 5, 12, 16, 40):
         x = activations(m, kk, gen)
         out = k.gemm(x.cuda(), torch.ones(m, device="cuda"), tiled, n, kk, [n], [1.0], out_dtype=torch.int32,
-                     row_tiles_per_block=config[0], warps=config[1])
+                     row_tiles_per_block=config[0], warps=config[1], unroll=config[2])
         assert torch.equal(out.cpu(), int_dot(x, w))
 
 
@@ -210,6 +210,8 @@ def test_gemm_kernel_choice_is_validated(k):
         k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="large", large_tile=4)
     with pytest.raises(ValueError, match="large_splits"):
         k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="large", large_splits=5)
+    with pytest.raises(ValueError, match="unroll"):
+        k.gemm(x, torch.ones(2, device="cuda"), tiled, 32, 64, [32], [1.0], kernel="small", unroll=3)
 
 
 def rows_for_quant(m, kk, gen, dtype):
