@@ -7,8 +7,9 @@ is replayed and timed with CUDA events; the figure is the median replay time per
 floor is the bytes a launch must move (packed weights + int8 activations + bf16 output) over the
 device-to-device copy bandwidth measured at the start of this run (bench/timing.py).
 Prefill rows (the 2B-4T shapes at M = 512 and 2048 tokens, the large-M kernel) report int8 TOPS
-(2 M N K / time) against torch bf16 matmul's TFLOPS on the same shape; --sweep adds every large-M
-tile and K split (clusters of 1-4 blocks) and both kernels around the small/large dispatch threshold;
+(2 M N K / time) against torch bf16 matmul's TFLOPS on the same shape; --sweep adds every GEMV
+launch (row tiles per block, warps, chunks each warp loads at once), every large-M tile and K split
+(clusters of 1-4 blocks) and both kernels around the small/large dispatch threshold;
 --prefill-only --prefill-ms 512,1024 times only those rows.
 
     python bench/kernels.py [--json results.json] [--sweep]
