@@ -41,6 +41,11 @@ if want kernels; then
   # the cost of a dependent launch itself, and of each dependent step of a kernel body
   run_stage launch-floor launch_floor.log bash -c "nvcc -std=c++17 -O3 -arch=sm_${arch/./} bench/launch_floor.cu \
     -o /tmp/launch_floor && /tmp/launch_floor"
+  # what SMs take to pull L2-resident bytes (the GEMV's activation reads); multicast needs sm_90a
+  ingress_arch="arch=compute_${arch/./},code=sm_${arch/./}"
+  [ "$arch" = "9.0" ] && ingress_arch="arch=compute_90a,code=sm_90a"
+  run_stage l2-ingress l2_ingress.log bash -c "nvcc -std=c++17 -O3 -gencode $ingress_arch bench/l2_ingress.cu \
+    -o /tmp/l2_ingress && /tmp/l2_ingress"
 fi
 if want e2e; then
   run_stage e2e e2e.log python3 bench/e2e.py --json "$OUT/e2e.json"
@@ -80,5 +85,6 @@ want profile && { echo "decode profile (no PDL):"; grep -v Warn "$OUT/profile-b1
   tail -n 1 "$OUT/profile-b1.log"; tail -n 1 "$OUT/profile-b64.log"
   echo "one-launch decode kernel (opt-in):"; tail -n 11 "$OUT/profile-b1-fused.log"; }
 want serve && [ -f "$OUT/serve.log" ] && { echo "server:"; tail -n 8 "$OUT/serve.log"; }
-want kernels && { echo "kernel benchmark:"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 60; cat "$OUT/launch_floor.log"; }
+want kernels && { echo "kernel benchmark:"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 60; cat "$OUT/launch_floor.log"
+  grep -v -E " (27|54)\.0 " "$OUT/l2_ingress.log"; }  # its 108 KB rows
 exit $status

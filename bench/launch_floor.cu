@@ -3,21 +3,9 @@
 // launch (launch.cuh). The bodies grow one dependent step at a time (an L2 round trip, a block-wide
 // reduction), so the rows show what each step of a kernel's critical path costs on this GPU.
 // Standalone (no torch):  nvcc -O3 -arch=sm_90 bench/launch_floor.cu -o launch_floor && ./launch_floor
-#include <cuda_runtime.h>
-
-#include <algorithm>
 #include <cstdio>
-#include <cstdlib>
-#include <vector>
 
-#define CHECK(call)                                                                   \
-  do {                                                                                \
-    const cudaError_t err_ = (call);                                                  \
-    if (err_ != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(err_));              \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
+#include "graph_timing.cuh"
 
 enum Body { kEmpty, kLoad, kReduce, kReduceTwice };
 
@@ -47,13 +35,7 @@ __global__ void link(const int* in, int* out) {
 
 template <Body B>
 float us_per_launch(bool pdl, int blocks, int threads, int* a, int* b) {
-  constexpr int kLaunches = 2000, kReplays = 15;
-  cudaStream_t stream;
-  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < kLaunches; ++i) {
+  return graph_us_per_launch(2000, 15, [&](cudaStream_t stream, int i) {
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(blocks);
     config.blockDim = dim3(threads);
@@ -64,31 +46,7 @@ float us_per_launch(bool pdl, int blocks, int threads, int* a, int* b) {
     config.attrs = attribute;
     config.numAttrs = pdl ? 1 : 0;
     CHECK(cudaLaunchKernelEx(&config, link<B>, (const int*)(i % 2 ? b : a), i % 2 ? a : b));
-  }
-  CHECK(cudaStreamEndCapture(stream, &graph));
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  CHECK(cudaGraphLaunch(exec, stream));
-  CHECK(cudaStreamSynchronize(stream));
-  cudaEvent_t start, end;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&end));
-  std::vector<float> us;
-  for (int r = 0; r < kReplays; ++r) {
-    CHECK(cudaEventRecord(start, stream));
-    CHECK(cudaGraphLaunch(exec, stream));
-    CHECK(cudaEventRecord(end, stream));
-    CHECK(cudaEventSynchronize(end));
-    float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, start, end));
-    us.push_back(ms * 1000 / kLaunches);
-  }
-  std::sort(us.begin(), us.end());
-  CHECK(cudaEventDestroy(start));
-  CHECK(cudaEventDestroy(end));
-  CHECK(cudaGraphExecDestroy(exec));
-  CHECK(cudaGraphDestroy(graph));
-  CHECK(cudaStreamDestroy(stream));
-  return us[us.size() / 2];
+  });
 }
 
 int main() {
