@@ -348,7 +348,10 @@ GemmConfig default_config(int m, int ntiles, int nchunks) {
       cfg.row_tiles_per_block = nchunks <= 20 ? 4 : 2;
     } else {
       cfg.warps = nchunks <= 32 ? 12 : 16;
-      cfg.row_tiles_per_block = deep || ntiles >= 300 ? 2 : 1;
+      // two row tiles for wide matrices and the deepest (3200 x 10240, 80 chunks: 5.07 us at M = 1
+      // against 5.48 with one); one for the 2B-4T down (54 chunks, H100: 3.28 us at M = 4 against
+      // 3.51-3.57 with two; decode steps of batch 2-8 5-8 us faster, batch 1 the same)
+      cfg.row_tiles_per_block = ntiles >= 300 || nchunks >= 64 ? 2 : 1;
     }
   } else if (m <= 16) {
     if (tall && nchunks <= 20) {  // 2B-4T gate|up: 7.54-7.58 us against 7.93-8.05 at (2, 8) (two runs)
