@@ -112,8 +112,11 @@ def print_timeline(kernels: list[tuple[float, float, str]], replays: int, layers
     per_step = len(kernels) // replays
     steps = [kernels[i * per_step:(i + 1) * per_step] for i in range(replays)]
     names = [k[2] for k in steps[0]]
-    first = next(i for i, n in enumerate(names) if "quantize_vec_kernel" in n)      # layer 0's input norm
-    last = max(i for i, n in enumerate(names) if "gemm_kernel" in n)                # the last layer's down
+    first = next((i for i, n in enumerate(names) if "quantize_vec_kernel" in n), None)  # layer 0's input norm
+    last = max((i for i, n in enumerate(names) if "gemm_kernel" in n), default=None)    # the last layer's down
+    if first is None or last is None or last < first:  # the one-launch decode kernel: no op-by-op layers
+        print(f"graph timeline: {per_step} kernels a step, no op-by-op layers; not broken down")
+        return
     if (last + 1 - first) % layers:
         print(f"graph timeline: {last + 1 - first} layer kernels do not split into {layers} layers")
         return

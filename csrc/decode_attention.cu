@@ -13,7 +13,8 @@
 //
 // Inside a block, LPK lanes share a key row (16-byte loads of keys, values and queries for head_dim
 // 64 / 128, scalar loads for any other even head_dim <= 256); keys come in tiles of
-// kThreads / LPK * KPG rows whose K and V loads are all issued before the first use. Scores go to
+// threads / LPK * KPG rows whose K and V loads are all issued before the first use (blocks of 256
+// threads when the grid fits two per SM, else 128: launch_split_vec). Scores go to
 // shared memory, one warp per head updates the running softmax (log2 domain), then every lane
 // accumulates p * v for the elements it owns.
 //
@@ -38,11 +39,11 @@ namespace {
 
 using namespace attention;
 
-template <typename T, int LPK, int EPL, bool kVec, int GT, int KPG>
-__global__ void __launch_bounds__(kThreads) attention_split_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
-                                                                    const T* __restrict__ v_cache, SplitArgs a) {
+template <typename T, int LPK, int EPL, bool kVec, int GT, int KPG, int Threads>
+__global__ void __launch_bounds__(Threads) attention_split_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
+                                                                   const T* __restrict__ v_cache, SplitArgs a) {
   extern __shared__ float smem[];
-  attention_split_unit<T, LPK, EPL, kVec, GT, KPG>(q, k_cache, v_cache, a, blockIdx.x, blockIdx.y, blockIdx.z,
+  attention_split_unit<T, LPK, EPL, kVec, GT, KPG, Threads>(q, k_cache, v_cache, a, blockIdx.x, blockIdx.y, blockIdx.z,
                                                    threadIdx.x, smem, [] { __syncthreads(); }, true);
 }
 
@@ -52,13 +53,40 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(T* _
   attention_combine_unit<T, kNorm>(out, a, blockIdx.x, blockIdx.y, s_row, true);
 }
 
-template <typename T, int LPK, int EPL, bool kVec, int GT, int KPG>
+template <typename T, int LPK, int EPL, bool kVec, int GT, int KPG, int Threads = kThreads>
 cudaError_t launch_split(const T* q, const T* k, const T* v, const SplitArgs& args, int batch, cudaStream_t stream) {
-  constexpr int kTile = kThreads / LPK * KPG;
-  const size_t smem = (size_t)(GT * kTile + 3 * GT + kWarps * GT * args.head_dim) * sizeof(float);
+  const size_t smem = split_smem_floats<LPK, GT, KPG, Threads>(args.head_dim) * sizeof(float);
   const dim3 grid(args.splits, args.kv_heads * args.passes, batch);
-  return launch_pdl(attention_split_kernel<T, LPK, EPL, kVec, GT, KPG>, grid, dim3(kThreads), smem, stream, batch,
-                    q, k, v, args);
+  return launch_pdl(attention_split_kernel<T, LPK, EPL, kVec, GT, KPG, Threads>, grid, dim3(Threads), smem, stream,
+                    batch, q, k, v, args);
+}
+
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+    sms = 132;
+  return sms;
+}
+
+// The vector layout's block: twice the threads, each holding half the keys of the same 64-key tile
+// (a shorter chain after the wait), when the grid fits kBlocksPerSm such blocks per SM (their registers
+// allow it up to 4 query heads per pass: 128 a thread); else 128 threads, so that large grids (batch 64)
+// still run in one wave. H100, decode step at batch 1 / 8 / 16: 1,172 / 1,820 / 1,648 us against
+// 1,214 / 1,873 / 1,712 (2,048, 2,048 and 512 tokens); batch 1-8 at 512 tokens within 5 us.
+template <typename T, int LPK, int EPL, int GT>
+cudaError_t launch_split_vec(const T* q, const T* k, const T* v, const SplitArgs& args, int batch, cudaStream_t stream) {
+  constexpr int kWideKeys = 4;  // keys a thread holds in the wide block (8 in the narrow one)
+  static const int wide_per_sm = [] {
+    int per_sm = 0;
+    const auto kernel = attention_split_kernel<T, LPK, EPL, true, GT, kWideKeys, kWideThreads>;
+    const size_t smem = split_smem_floats<LPK, GT, kWideKeys, kWideThreads>(LPK * EPL) * sizeof(float);
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWideThreads, smem) == cudaSuccess ? per_sm : 0;
+  }();
+  const long long blocks = (long long)batch * args.kv_heads * args.passes * args.splits;
+  if (wide_per_sm >= kBlocksPerSm && blocks <= (long long)kBlocksPerSm * sm_count())
+    return launch_split<T, LPK, EPL, true, GT, kWideKeys, kWideThreads>(q, k, v, args, batch, stream);
+  return launch_split<T, LPK, EPL, true, GT, 8>(q, k, v, args, batch, stream);
 }
 
 // Lanes per key row and elements per lane: 16-byte vectors for the common head sizes, else scalar.
@@ -69,8 +97,8 @@ cudaError_t launch_split_for_head_dim(const T* q, const T* k, const T* v, const 
                        reinterpret_cast<uintptr_t>(q) % 16 == 0;
   if (aligned) {
     constexpr int E = 16 / sizeof(T);  // elements per 16-byte vector
-    if (args.head_dim == 128) return launch_split<T, 128 / E, E, true, GT, 8>(q, k, v, args, batch, stream);
-    if (args.head_dim == 64) return launch_split<T, 64 / E, E, true, GT, 8>(q, k, v, args, batch, stream);
+    if (args.head_dim == 128) return launch_split_vec<T, 128 / E, E, GT>(q, k, v, args, batch, stream);
+    if (args.head_dim == 64) return launch_split_vec<T, 64 / E, E, GT>(q, k, v, args, batch, stream);
   }
   return launch_split<T, 32, kMaxHeadDim / 32, false, GT, 4>(q, k, v, args, batch, stream);
 }
@@ -134,14 +162,11 @@ cudaError_t dispatch(const void* q, DType dtype, int batch, int heads, const int
 }  // namespace
 
 int decode_attention_splits(int batch, int heads, const KVCacheLayer& cache) {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
-    sms = 132;
   const int group = cache.kv_heads > 0 ? heads / cache.kv_heads : 1;
   const int passes = ceil_div(group, heads_per_pass(group));
   const int blocks = batch * cache.kv_heads * passes;  // split-kernel blocks per split
-  int splits = blocks > 0 ? ceil_div(kBlocksPerSm * sms, blocks) : 1;
+  // as many splits as keep the grid within kBlocksPerSm blocks per SM (launch_split_vec)
+  int splits = blocks > 0 ? kBlocksPerSm * sm_count() / blocks : 1;
   splits = std::min(splits, ceil_div(cache.max_len, kMinKeysPerSplit));
   return std::max(1, std::min(splits, kMaxAttentionSplits));
 }

@@ -14,11 +14,11 @@
 namespace bitnet {
 namespace attention {
 
-constexpr int kThreads = 128;  // split kernel: 4 warps
-constexpr int kWarps = kThreads / 32;
+constexpr int kThreads = 128;      // split block: 4 warps (a unit of decode_layers.cu's blocks)
+constexpr int kWideThreads = 256;  // split block of small grids (decode_attention.cu)
 constexpr int kCombineThreads = 128;
 constexpr int kKeyGranule = 16;       // chunks are multiples of this many keys
-constexpr int kBlocksPerSm = 2;       // split-kernel blocks per SM the default split count aims for
+constexpr int kBlocksPerSm = 2;       // split-kernel blocks per SM the default split count allows
 constexpr int kMinKeysPerSplit = 32;  // no more splits than max_len / this
 constexpr int kMinKeysPerChunk = 64;  // at run time, no chunk shorter than this (unless the sequence is)
 constexpr int kMaxHeadDim = 256;
@@ -135,22 +135,29 @@ struct SplitArgs {
   bool reset_counters;
 };
 
+// The floats of shared memory attention_split_unit carves (scores, running max and sum, per-warp outputs).
+template <int LPK, int GT, int KPG, int Threads>
+constexpr int split_smem_floats(int head_dim) {
+  return GT * (Threads / LPK * KPG) + 3 * GT + Threads / 32 * GT * head_dim;
+}
+
 // One split block's work: split `split` of row b, kv head pass y (blockIdx.x, .z, .y of the split
-// kernel), run by kThreads threads numbered tid that synchronize with sync() (the whole block, or one
+// kernel), run by Threads threads numbered tid that synchronize with sync() (the whole block, or one
 // named barrier of a larger block: decode_layers.cu). chained: launched behind the previous kernel
 // with PDL (launch.cuh), so it waits for it; false inside a kernel that orders its own phases.
-template <typename T, int LPK, int EPL, bool kVec, int GT, int KPG, typename Sync>
+template <typename T, int LPK, int EPL, bool kVec, int GT, int KPG, int Threads, typename Sync>
 __device__ __forceinline__ void attention_split_unit(const T* __restrict__ q, const T* __restrict__ k_cache,
                                                      const T* __restrict__ v_cache, const SplitArgs& a, int split,
                                                      int y, int b, int tid, float* smem, Sync sync, bool chained) {
-  constexpr int kGroups = kThreads / LPK;  // key rows side by side
+  constexpr int kWarpsHere = Threads / 32;
+  constexpr int kGroups = Threads / LPK;  // key rows side by side
   constexpr int kTile = kGroups * KPG;     // keys per tile
   using Share = RowShare<T, LPK, EPL, kVec, KPG>;
   float* s_p = smem;                  // [GT][kTile] scores, then probabilities
   float* s_alpha = s_p + GT * kTile;  // [GT] rescale of the running sums for this tile
   float* s_m = s_alpha + GT;          // [GT] running max
   float* s_l = s_m + GT;              // [GT] running sum
-  float* s_red = s_l + GT;            // [kWarps][GT][head_dim] per-warp outputs at the end
+  float* s_red = s_l + GT;            // [kWarpsHere][GT][head_dim] per-warp outputs at the end
 
   const int kvh = y / a.passes, g0 = (y % a.passes) * GT;
   // The lengths and every cache entry but this step's own date from before this step's kernels
@@ -247,7 +254,7 @@ __device__ __forceinline__ void attention_split_unit(const T* __restrict__ q, co
     }
     sync();
     // online softmax, one warp per head: every tile holds at least one key, so the max is finite
-    for (int g = warp; g < GT; g += kWarps) {
+    for (int g = warp; g < GT; g += kWarpsHere) {
       float* p = s_p + g * kTile;
       float tile_max = -INFINITY;
       for (int j = lane; j < kTile; j += 32) tile_max = fmaxf(tile_max, p[j]);
@@ -307,11 +314,11 @@ __device__ __forceinline__ void attention_split_unit(const T* __restrict__ q, co
   }
   sync();
   const size_t part0 = ((size_t)b * a.heads + head0) * a.splits + split;  // partial index of head g: + g * splits
-  for (int idx = tid; idx < heads_here * a.head_dim; idx += kThreads) {
+  for (int idx = tid; idx < heads_here * a.head_dim; idx += Threads) {
     const int g = idx / a.head_dim, d = idx % a.head_dim;
     float o = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += s_red[(w * GT + g) * a.head_dim + d];
+    for (int w = 0; w < kWarpsHere; ++w) o += s_red[(w * GT + g) * a.head_dim + d];
     a.ws.o[(part0 + (size_t)g * a.splits) * a.head_dim + d] = o;
   }
   if (tid < heads_here) {

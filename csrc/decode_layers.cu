@@ -271,8 +271,8 @@ struct SplitConfig<false> {
 
 template <int GT, bool kVec128>
 constexpr int split_smem_floats(int head_dim) {
-  return GT * (attention::kThreads / SplitConfig<kVec128>::LPK * SplitConfig<kVec128>::KPG) + 3 * GT +
-         attention::kWarps * GT * head_dim;
+  using SC = SplitConfig<kVec128>;
+  return attention::split_smem_floats<SC::LPK, GT, SC::KPG, attention::kThreads>(head_dim);
 }
 
 // Shared memory of a block: the quantized rows (aliased by the attention units' scratch), the three
@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Args a) {
     for (int u = unit * gridDim.x + blockIdx.x; u < split_units; u += gridDim.x * kUnits) {
       const int split = u % a.split.splits, rest = u / a.split.splits;
       const int y = rest % (a.split.kv_heads * a.split.passes), b = rest / (a.split.kv_heads * a.split.passes);
-      attention::attention_split_unit<bf16, SC::LPK, SC::EPL, SC::kVec, GT, SC::KPG>(
+      attention::attention_split_unit<bf16, SC::LPK, SC::EPL, SC::kVec, GT, SC::KPG, attention::kThreads>(
           a.q, static_cast<const bf16*>(cache.k), static_cast<const bf16*>(cache.v), a.split, split, y, b, unit_tid,
           unit_smem, [&] { named_sync(1 + unit); }, false);
       named_sync(1 + unit);  // the unit's shared memory is reused by the next
