@@ -70,10 +70,11 @@ int sm_count() {
 }
 
 // The vector layout's block: twice the threads, each holding half the keys of the same 64-key tile
-// (a shorter chain after the wait), when the grid fits kBlocksPerSm such blocks per SM (their registers
-// allow it up to 4 query heads per pass: 128 a thread); else 128 threads, so that large grids (batch 64)
-// still run in one wave. H100, decode step at batch 1 / 8 / 16: 1,172 / 1,820 / 1,648 us against
-// 1,214 / 1,873 / 1,712 (2,048, 2,048 and 512 tokens); batch 1-8 at 512 tokens within 5 us.
+// (faster where many blocks have keys: long contexts, batches of 8-16), when the grid fits
+// kBlocksPerSm such blocks per SM (their registers allow it up to 4 query heads per pass: 128 a
+// thread); else 128 threads, so that large grids (batch 64) still run in one wave. H100, decode step
+// at batch 1 / 8 / 16: 1,172 / 1,820 / 1,648 us against 1,214 / 1,873 / 1,712 (2,048, 2,048 and 512
+// tokens); batch 1-8 at 512 tokens within 5 us.
 template <typename T, int LPK, int EPL, int GT>
 cudaError_t launch_split_vec(const T* q, const T* k, const T* v, const SplitArgs& args, int batch, cudaStream_t stream) {
   constexpr int kWideKeys = 4;  // keys a thread holds in the wide block (8 in the narrow one)
