@@ -327,6 +327,226 @@ __device__ __forceinline__ void attention_split_unit(const T* __restrict__ q, co
   }
 }
 
+// d += A (16 x 16 bf16, row) . B (16 x 8 bf16, col), fp32
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The transpose of an 8 x 8 bf16 matrix held one row pair per lane (lane 4 r + c: row r, cols 2 c, 2 c + 1).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t v) {
+  uint32_t r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(v));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 v) { return *reinterpret_cast<const uint32_t*>(&v); }
+
+// The floats of shared memory attention_split_mma_unit uses: per-warp outputs, maxima and sums.
+template <int D, int GT, int W>
+constexpr int mma_split_smem_floats() {
+  return W * GT * D + 2 * W * GT;
+}
+
+// The split step on the tensor cores (bf16, head_dim 64 or 128, up to 8 query heads per pass): same
+// grid, chunks and partial outputs as attention_split_unit. Each warp takes 16 keys of a chunk at a
+// time (tiles of 16 * W keys) and keeps its own online softmax; the warps merge once at the end.
+// Transposed products, so that the 16 keys fill the MMA's rows and the (up to 8) query heads its
+// columns: S^T = K Q^T, then O^T = V^T P^T. The head dims are permuted alike in K and Q (a dot
+// product does not depend on their order) so that each lane loads its key rows as 16-byte vectors;
+// P^T's fragment is the score accumulators transposed in registers (movmatrix), and goes in as bf16
+// hi + lo parts (two MMAs, about 16 bits of each probability), so the output keeps close to fp32
+// accuracy. Run by W warps numbered by tid, with the split kernel's block coordinates (split, y, b),
+// as attention_split_unit: sync() synchronizes them, smem holds mma_split_smem_floats floats.
+template <int D, int GT, int W, typename Sync>
+__device__ __forceinline__ void attention_split_mma_unit(const __nv_bfloat16* __restrict__ q,
+                                                         const __nv_bfloat16* __restrict__ k_cache,
+                                                         const __nv_bfloat16* __restrict__ v_cache, const SplitArgs& a,
+                                                         int split, int y, int b, int tid, float* smem, Sync sync,
+                                                         bool chained) {
+  static_assert((D == 64 || D == 128) && GT <= 8, "shape of the MMA path");
+  constexpr int kKV = D / 32;  // 16-byte vectors of a key row per lane: lane t takes vectors 4 i + t
+  constexpr int kVV = D / 64;  // of a value row: lane g takes vectors 8 u + g
+  constexpr int kMT = D / 16;  // O^T m-tiles: tile 4 u + w, row g: dim 64 u + 8 g + 2 w, row g + 8: + 1
+  float* s_o = smem;              // [W][GT][D] per-warp unnormalized outputs
+  float* s_m = s_o + W * GT * D;  // [W][GT]
+  float* s_l = s_m + W * GT;      // [W][GT]
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int kvh = y / a.passes, g0 = (y % a.passes) * GT;
+  const int n_keys = keys_of(a.positions, a.slots, b, a.cache_slots, a.max_len);
+  const Chunks ch = chunks_of(n_keys, a.splits);
+  const bool active = split < ch.active;
+  const int c0 = split * ch.chunk, c1 = min(c0 + ch.chunk, n_keys);
+  const size_t first_row = active ? ((size_t)a.slots[b] * a.kv_heads + kvh) * a.max_len : 0;
+  const uint4* keys = reinterpret_cast<const uint4*>(k_cache + first_row * D);
+  const uint4* values = reinterpret_cast<const uint4*>(v_cache + first_row * D);
+  const int newest = n_keys - 1;  // this step's key and value: written by the previous kernel
+  // this lane's keys of a warp tile at `base`: base + g + 8 r for S^T's rows (r = 0, 1), and
+  // base + 2 t + (r & 1) + 8 (r >> 1) for P^T's rows (r = 0..3)
+  uint4 kr[2][kKV], vr[4][kVV];
+  auto load_key = [&](int r, int base, bool skip_newest) {
+    const int j = base + g + 8 * r;
+    const bool valid = j < c1 && !(skip_newest && j == newest);
+#pragma unroll
+    for (int i = 0; i < kKV; ++i) kr[r][i] = valid ? __ldcg(keys + (size_t)j * (D / 8) + 4 * i + t) : make_uint4(0, 0, 0, 0);
+  };
+  auto load_value = [&](int r, int base, bool skip_newest) {
+    const int j = base + 2 * t + (r & 1) + 8 * (r >> 1);
+    const bool valid = j < c1 && !(skip_newest && j == newest);
+#pragma unroll
+    for (int u = 0; u < kVV; ++u) vr[r][u] = valid ? __ldcg(values + (size_t)j * (D / 8) + 8 * u + g) : make_uint4(0, 0, 0, 0);
+  };
+  auto load_tile = [&](int base, bool skip_newest) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) load_key(r, base, skip_newest);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) load_value(r, base, skip_newest);
+  };
+  // A warp takes the tiles at c0 + 16 warp + 16 W k, last one first: the one that may hold this step's
+  // key, which is the chunk's last
+  const int first = c0 + 16 * warp;
+  const int base0 = first < c1 ? first + (c1 - 1 - first) / (16 * W) * (16 * W) : first;
+  if (active && base0 < c1) load_tile(base0, true);
+  if (chained) {
+    wait_for_previous_kernel();  // q and this step's key and value come from the previous kernel
+    allow_next_kernel();         // only now: see attention_split_unit
+  }
+  if (a.reset_counters && split == 0 && y == 0 && tid == 0) a.ws.counters[b] = 0;
+  if (!active) return;
+  const int heads_here = min(GT, a.group - g0);
+  const int head0 = kvh * a.group + g0;
+  // this step's key and value, if in this warp's first tile (the previous kernel wrote them)
+  if (base0 <= newest && newest < base0 + 16) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (base0 + g + 8 * r == newest) load_key(r, base0, false);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      if (base0 + 2 * t + (r & 1) + 8 * (r >> 1) == newest) load_value(r, base0, false);
+  }
+  uint4 qv[kKV];  // column g of Q^T: query head head0 + g, the same dims as kr
+  {
+    const uint4* q_row = reinterpret_cast<const uint4*>(q + ((size_t)b * a.heads + head0 + g) * D);
+#pragma unroll
+    for (int i = 0; i < kKV; ++i) qv[i] = g < heads_here ? __ldcg(q_row + 4 * i + t) : make_uint4(0, 0, 0, 0);
+  }
+
+  float o[kMT][4];  // O^T: rows g, g + 8 of each m-tile; columns (heads) 2 t, 2 t + 1
+#pragma unroll
+  for (int j = 0; j < kMT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};  // heads 2 t + c: running max (log2 domain), same in every lane g
+  float l[2] = {0.0f, 0.0f};            // and this lane's share of the sum
+  for (int base = base0; base >= first && base < c1; base -= 16 * W) {
+    if (base != base0) load_tile(base, false);
+    // S^T: two accumulators (even and odd k-steps) halve the chain of dependent MMAs
+    float s[2][4] = {};
+#pragma unroll
+    for (int i = 0; i < kKV; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        mma_bf16(s[h], word_of(kr[0][i], 2 * h), word_of(kr[1][i], 2 * h), word_of(kr[0][i], 2 * h + 1),
+                 word_of(kr[1][i], 2 * h + 1), word_of(qv[i], 2 * h), word_of(qv[i], 2 * h + 1));
+    // s[.][2 r + c]: key base + g + 8 r, head 2 t + c; past the chunk: -inf
+    float p[4];
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const bool valid = base + g + 8 * r < c1;
+        p[2 * r + c] = valid ? (s[0][2 * r + c] + s[1][2 * r + c]) * a.scale_log2 : -INFINITY;
+        tile_max[c] = fmaxf(tile_max[c], p[2 * r + c]);
+      }
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], off));
+      const float m_new = fmaxf(m[c], tile_max[c]);  // finite: key `base` is in the chunk
+      const float alpha = exp2f(m[c] - m_new);       // 0 on the first tile
+      m[c] = m_new;
+      p[c] = exp2f(p[c] - m_new);
+      p[2 + c] = exp2f(p[2 + c] - m_new);
+      l[c] = l[c] * alpha + (p[c] + p[2 + c]);
+#pragma unroll
+      for (int j = 0; j < kMT; ++j) {
+        o[j][c] *= alpha;
+        o[j][2 + c] *= alpha;
+      }
+    }
+    // P^T's B fragment (keys 2 t, 2 t + 1 | 2 t + 8, 2 t + 9 of head g) in hi and lo parts
+    uint32_t hi[2], lo[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const __nv_bfloat162 h2 = __floats2bfloat162_rn(p[2 * r], p[2 * r + 1]);
+      hi[r] = transpose8x8(bits_of(h2));
+      lo[r] = transpose8x8(bits_of(__floats2bfloat162_rn(p[2 * r] - __low2float(h2), p[2 * r + 1] - __high2float(h2))));
+    }
+#pragma unroll
+    for (int u = 0; u < kVV; ++u)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        // A: V^T rows dims 64 u + 8 g + 2 w (low halves) and + 1 (high halves), columns (keys) as P^T's
+        const uint32_t v0 = word_of(vr[0][u], w), v1 = word_of(vr[1][u], w);
+        const uint32_t v2 = word_of(vr[2][u], w), v3 = word_of(vr[3][u], w);
+        const uint32_t a0 = __byte_perm(v0, v1, 0x5410u), a1 = __byte_perm(v0, v1, 0x7632u);
+        const uint32_t a2 = __byte_perm(v2, v3, 0x5410u), a3 = __byte_perm(v2, v3, 0x7632u);
+        mma_bf16(o[4 * u + w], a0, a1, a2, a3, lo[0], lo[1]);
+        mma_bf16(o[4 * u + w], a0, a1, a2, a3, hi[0], hi[1]);
+      }
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) l[c] += __shfl_xor_sync(0xffffffffu, l[c], off);
+  // merge the warps
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int head = 2 * t + c;
+    if (head < GT) {
+      float* row = s_o + (warp * GT + head) * D;
+#pragma unroll
+      for (int u = 0; u < kVV; ++u)
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          row[64 * u + 8 * g + 2 * w] = o[4 * u + w][c];
+          row[64 * u + 8 * g + 2 * w + 1] = o[4 * u + w][2 + c];
+        }
+      if (g == 0) {
+        s_m[warp * GT + head] = m[c];
+        s_l[warp * GT + head] = l[c];
+      }
+    }
+  }
+  sync();
+  const size_t part0 = ((size_t)b * a.heads + head0) * a.splits + split;  // partial index of head g: + g * splits
+  for (int idx = tid; idx < heads_here * D; idx += W * 32) {
+    const int gg = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < W; ++w) mx = fmaxf(mx, s_m[w * GT + gg]);
+    float acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) acc = fmaf(exp2f(s_m[w * GT + gg] - mx), s_o[(w * GT + gg) * D + d], acc);
+    a.ws.o[(part0 + (size_t)gg * a.splits) * D + d] = acc;
+  }
+  if (tid < heads_here) {
+    const int gg = tid;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < W; ++w) mx = fmaxf(mx, s_m[w * GT + gg]);
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) sum = fmaf(exp2f(s_m[w * GT + gg] - mx), s_l[w * GT + gg], sum);
+    a.ws.m[part0 + (size_t)gg * a.splits] = mx;
+    a.ws.l[part0 + (size_t)gg * a.splits] = sum;
+  }
+}
+
 struct CombineArgs {
   const int64_t* slots;
   const int64_t* positions;

@@ -254,25 +254,17 @@ __device__ __forceinline__ void norm_rows(const bf16* src, const bf16* gain_w, i
   __syncthreads();
 }
 
-// Split-kernel configuration of decode_attention.cu for this head size (the same template arguments,
-// so the same bits): 16-byte vectors for head_dim 128, scalar loads otherwise.
-template <bool kVec128>
-struct SplitConfig;
-template <>
-struct SplitConfig<true> {
-  static constexpr int LPK = 16, EPL = 8, KPG = 8;
-  static constexpr bool kVec = true;
-};
-template <>
-struct SplitConfig<false> {
+// decode_attention.cu's split for this head size (the same code and template arguments, so the same
+// bits): kMmaD = 64 or 128, the tensor-core split; 0, the SIMT split with scalar loads.
+struct ScalarSplit {
   static constexpr int LPK = 32, EPL = attention::kMaxHeadDim / 32, KPG = 4;
-  static constexpr bool kVec = false;
 };
+constexpr int kUnitWarps = attention::kThreads / 32;
 
-template <int GT, bool kVec128>
+template <int GT, int kMmaD>
 constexpr int split_smem_floats(int head_dim) {
-  using SC = SplitConfig<kVec128>;
-  return attention::split_smem_floats<SC::LPK, GT, SC::KPG, attention::kThreads>(head_dim);
+  if constexpr (kMmaD > 0) return attention::mma_split_smem_floats<kMmaD, GT, kUnitWarps>();
+  else return attention::split_smem_floats<ScalarSplit::LPK, GT, ScalarSplit::KPG, attention::kThreads>(head_dim);
 }
 
 // Shared memory of a block: the quantized rows (aliased by the attention units' scratch), the three
@@ -300,13 +292,13 @@ __host__ __device__ inline SmemLayout smem_layout(const DecodeShape& s, int m, i
   return l;
 }
 
-template <int GT, bool kVec128, Activation kAct>
+template <int GT, int kMmaD, Activation kAct>
 __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DecodeShape& sh = a.shape;
   const int m = a.m;
   const int hid_stride = ceil_div(sh.hidden, kChunkK) * kChunkK, ffn_stride = ceil_div(sh.ffn, kChunkK) * kChunkK;
-  const int unit_floats = split_smem_floats<GT, kVec128>(sh.head_dim);
+  const int unit_floats = split_smem_floats<GT, kMmaD>(sh.head_dim);
   const SmemLayout lay = smem_layout(sh, m, gridDim.x, kUnits * unit_floats * (int)sizeof(float));
   Smem s;
   s.x = reinterpret_cast<int8_t*>(smem_raw);
@@ -319,7 +311,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Args a) {
   s.xsum = reinterpret_cast<int*>(s.xs + 8);
   for (int i = threadIdx.x; i < kMaxTiles * 128; i += kThreads) s.acc[i] = 0;
 
-  using SC = SplitConfig<kVec128>;
   const int unit = threadIdx.x / attention::kThreads, unit_tid = threadIdx.x % attention::kThreads;
   float* unit_smem = s.attn + unit * unit_floats;
   const int split_units = m * a.split.kv_heads * a.split.passes * a.split.splits;
@@ -351,9 +342,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Args a) {
     for (int u = unit * gridDim.x + blockIdx.x; u < split_units; u += gridDim.x * kUnits) {
       const int split = u % a.split.splits, rest = u / a.split.splits;
       const int y = rest % (a.split.kv_heads * a.split.passes), b = rest / (a.split.kv_heads * a.split.passes);
-      attention::attention_split_unit<bf16, SC::LPK, SC::EPL, SC::kVec, GT, SC::KPG, attention::kThreads>(
-          a.q, static_cast<const bf16*>(cache.k), static_cast<const bf16*>(cache.v), a.split, split, y, b, unit_tid,
-          unit_smem, [&] { named_sync(1 + unit); }, false);
+      const auto* k = static_cast<const bf16*>(cache.k);
+      const auto* v = static_cast<const bf16*>(cache.v);
+      const auto sync = [&] { named_sync(1 + unit); };
+      if constexpr (kMmaD > 0)
+        attention::attention_split_mma_unit<kMmaD, GT, kUnitWarps>(a.q, k, v, a.split, split, y, b, unit_tid, unit_smem,
+                                                                   sync, false);
+      else
+        attention::attention_split_unit<bf16, ScalarSplit::LPK, ScalarSplit::EPL, false, GT, ScalarSplit::KPG,
+                                        attention::kThreads>(a.q, k, v, a.split, split, y, b, unit_tid, unit_smem,
+                                                             sync, false);
       named_sync(1 + unit);  // the unit's shared memory is reused by the next
     }
     stage(projection(a, layer, kO), s.b);
@@ -424,15 +422,15 @@ int sm_count() {
   return sms;
 }
 
-template <int GT, bool kVec128>
+template <int GT, int kMmaD>
 size_t smem_bytes(const DecodeShape& s, int m, int grid) {
-  return smem_layout(s, m, grid, kUnits * split_smem_floats<GT, kVec128>(s.head_dim) * (int)sizeof(float)).total;
+  return smem_layout(s, m, grid, kUnits * split_smem_floats<GT, kMmaD>(s.head_dim) * (int)sizeof(float)).total;
 }
 
-template <int GT, bool kVec128, Activation kAct>
+template <int GT, int kMmaD, Activation kAct>
 cudaError_t launch(const Args& args, cudaStream_t stream) {
-  auto kernel = decode_layers_kernel<GT, kVec128, kAct>;
-  const size_t smem = smem_bytes<GT, kVec128>(args.shape, args.m, sm_count());
+  auto kernel = decode_layers_kernel<GT, kMmaD, kAct>;
+  const size_t smem = smem_bytes<GT, kMmaD>(args.shape, args.m, sm_count());
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   int per_sm = 0;
@@ -478,7 +476,7 @@ const char* decode_layers_unsupported(const DecodeShape& s, int m) {
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     return "no CUDA device";
-  const size_t smem = std::max(smem_bytes<4, true>(s, 8, sms), smem_bytes<4, false>(s, 8, sms));
+  const size_t smem = std::max({smem_bytes<4, 128>(s, 8, sms), smem_bytes<4, 64>(s, 8, sms), smem_bytes<4, 0>(s, 8, sms)});
   if (smem + 2048 > (size_t)optin) return "the weights a block stages do not fit in shared memory";
   return nullptr;
 }
@@ -523,11 +521,12 @@ cudaError_t decode_layers(const DecodeLayer* layers, const DecodeShape& s, int m
                                      nullptr, 0.0f, 0, nullptr, nullptr};
   a.barrier = barrier;
   a.timeline = timeline;
-  // decode_attention.cu's choice of split kernel, so the partials are the same
-  const bool vec128 = s.head_dim == 128 && reinterpret_cast<uintptr_t>(k_cache) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(v_cache) % 16 == 0;
-  if (vec128) return launch<4, true, Activation::kReLU2>(a, stream);
-  return launch<4, false, Activation::kReLU2>(a, stream);
+  // decode_attention.cu's choice of split kernel (q is 16-byte aligned scratch), so the partials are the same
+  const bool mma = (s.head_dim == 64 || s.head_dim == 128) && reinterpret_cast<uintptr_t>(k_cache) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(v_cache) % 16 == 0;
+  if (mma && s.head_dim == 128) return launch<4, 128, Activation::kReLU2>(a, stream);
+  if (mma) return launch<4, 64, Activation::kReLU2>(a, stream);
+  return launch<4, 0, Activation::kReLU2>(a, stream);
 }
 
 }  // namespace bitnet

@@ -222,9 +222,11 @@ def test_decode_attention_2b4t_matches_fp64_reference(k, dtype, batch, max_len):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,d", SHAPES_TINY + [(10, 1, 2), (5, 5, 100), (16, 2, 64), (8, 2, 256)])
+@pytest.mark.parametrize("heads,kv_heads,d", SHAPES_TINY + [(10, 1, 2), (5, 5, 100), (16, 2, 64), (8, 2, 256),
+                                                                (20, 2, 128), (12, 4, 64), (4, 4, 128)])
 def test_decode_attention_any_head_shape(k, dtype, heads, kv_heads, d):
-    """head_dim 2..256 (vector and scalar paths), any group size (G = 8: one pass; G = 10: two)."""
+    """head_dim 2..256 (tensor-core, vector and scalar paths), any group size (G = 8: one pass; G = 10:
+    two, the second of 2 heads; G = 3 in a pass of 4; G = 1)."""
     q, k_cache, v_cache, slots, positions = attention_case(heads, kv_heads, d, 5, 300, dtype, seed=heads + d)
     out = k.decode_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), slots.cuda(), positions.cuda())
     assert_close_to_reference(out, reference_attention(q, k_cache, v_cache, slots, positions), v_cache, dtype)
