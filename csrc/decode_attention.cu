@@ -13,17 +13,17 @@
 //
 // bf16 with head_dim 64 or 128 (the models' case) runs the split on the tensor cores
 // (attention_split_mma_unit in decode_attention.cuh: each warp 16 keys at a time, its own online
-// softmax, one merge of the warps at the end). H100, decode step at batch 1 / 8 / 16 / 64 (512 tokens): 1,071 / 1,207 / 1,474
-// / 3,256 us against 1,119-1,125 / 1,341 / 1,645 / 3,504 for the SIMT split below.
+// softmax, one merge of the warps at the end). H100, decode step at batch 1 / 8 / 16 / 64 (512
+// tokens): 1,071 / 1,207 / 1,474 / 3,256 us against 1,119-1,125 / 1,341 / 1,645 / 3,504 for the
+// SIMT split below.
 //
 // The SIMT split (fp32 and other head sizes; decode_layers.cu runs whichever of the two this file
-// would, so its partials are the same): LPK lanes share a key row (16-byte
-// loads of keys, values and queries for head_dim 64 / 128, scalar loads for any other even head_dim
-// <= 256); keys come in tiles of
-// threads / LPK * KPG rows whose K and V loads are all issued before the first use (blocks of 256
-// threads when the grid fits two per SM, else 128: launch_split_vec). Scores go to
-// shared memory, one warp per head updates the running softmax (log2 domain), then every lane
-// accumulates p * v for the elements it owns.
+// would, so its partials are the same): LPK lanes share a key row (16-byte loads of keys, values and
+// queries for head_dim 64 / 128, scalar loads for any other even head_dim <= 256); keys come in tiles
+// of threads / LPK * KPG rows whose K and V loads are all issued before the first use (blocks of 256
+// threads when the grid fits two per SM, else 128: launch_split_vec). Scores go to shared memory,
+// one warp per head updates the running softmax (log2 domain), then every lane accumulates p * v for
+// the elements it owns.
 //
 // Combine kernel, grid (heads, batch): rescales the partials to the global max, divides by the total
 // sum and rounds once to the activation dtype. The fused variant then counts finished heads per row;
@@ -61,12 +61,6 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(T* _
   attention_combine_unit<T, kNorm>(out, a, blockIdx.x, blockIdx.y, s_row, true);
 }
 
-// Whether the split runs on the tensor cores: bf16, head_dim 64 or 128, 16-byte aligned rows.
-bool mma_path(const void* q, const void* k, const void* v, int head_dim) {
-  return (head_dim == 64 || head_dim == 128) && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(k) % 16 == 0 && reinterpret_cast<uintptr_t>(v) % 16 == 0;
-}
-
 template <int D, int GT, int W>
 __global__ void __launch_bounds__(W * 32) attention_split_mma_kernel(const __nv_bfloat16* __restrict__ q,
                                                                      const __nv_bfloat16* __restrict__ k_cache,
@@ -101,7 +95,8 @@ int sm_count() {
   return sms;
 }
 
-// The vector layout's block: twice the threads, each holding half the keys of the same 64-key tile
+// The vector layout's block (now fp32 only: bf16 takes the tensor-core split; the figures below are
+// bf16's, measured before it): twice the threads, each holding half the keys of the same 64-key tile
 // (faster where many blocks have keys: long contexts, batches of 8-16), when the grid fits
 // kBlocksPerSm such blocks per SM (their registers allow it up to 4 query heads per pass: 128 a
 // thread); else 128 threads, so that large grids (batch 64) still run in one wave. H100, decode step
@@ -127,7 +122,7 @@ template <typename T, int GT>
 cudaError_t launch_split_for_head_dim(const T* q, const T* k, const T* v, const SplitArgs& args, int batch,
                                       cudaStream_t stream) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (mma_path(q, k, v, args.head_dim)) {
+    if (mma_split_applies(q, k, v, args.head_dim)) {
       if (args.head_dim == 128) return launch_split_mma<128, GT>(q, k, v, args, batch, stream);
       return launch_split_mma<64, GT>(q, k, v, args, batch, stream);
     }
@@ -204,7 +199,8 @@ int decode_attention_splits(int batch, int heads, const KVCacheLayer& cache) {
   const int group = cache.kv_heads > 0 ? heads / cache.kv_heads : 1;
   const int passes = ceil_div(group, heads_per_pass(group));
   const int blocks = batch * cache.kv_heads * passes;  // split-kernel blocks per split
-  // as many splits as keep the grid within kBlocksPerSm blocks per SM (launch_split_vec)
+  // as many splits as keep the grid within kBlocksPerSm blocks per SM (launch_split_vec; for the
+  // tensor-core split, three per SM was slower at batches 2-16: README)
   int splits = blocks > 0 ? kBlocksPerSm * sm_count() / blocks : 1;
   splits = std::min(splits, ceil_div(cache.max_len, kMinKeysPerSplit));
   return std::max(1, std::min(splits, kMaxAttentionSplits));

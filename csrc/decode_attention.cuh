@@ -347,6 +347,13 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int w) { return w ==
 
 __device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 v) { return *reinterpret_cast<const uint32_t*>(&v); }
 
+// Whether decode_attention.cu runs the split of bf16 rows at these addresses on the tensor cores
+// (head_dim 64 or 128, 16-byte aligned). decode_layers.cu makes the same choice, so its partials match.
+inline bool mma_split_applies(const void* q, const void* k, const void* v, int head_dim) {
+  return (head_dim == 64 || head_dim == 128) && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(k) % 16 == 0 && reinterpret_cast<uintptr_t>(v) % 16 == 0;
+}
+
 // The floats of shared memory attention_split_mma_unit uses: per-warp outputs, maxima and sums.
 template <int D, int GT, int W>
 constexpr int mma_split_smem_floats() {

@@ -521,9 +521,8 @@ cudaError_t decode_layers(const DecodeLayer* layers, const DecodeShape& s, int m
                                      nullptr, 0.0f, 0, nullptr, nullptr};
   a.barrier = barrier;
   a.timeline = timeline;
-  // decode_attention.cu's choice of split kernel (q is 16-byte aligned scratch), so the partials are the same
-  const bool mma = (s.head_dim == 64 || s.head_dim == 128) && reinterpret_cast<uintptr_t>(k_cache) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(v_cache) % 16 == 0;
+  // decode_attention.cu's choice of split kernel, so the partials are the same
+  const bool mma = attention::mma_split_applies(a.q, k_cache, v_cache, s.head_dim);
   if (mma && s.head_dim == 128) return launch<4, 128, Activation::kReLU2>(a, stream);
   if (mma) return launch<4, 64, Activation::kReLU2>(a, stream);
   return launch<4, 0, Activation::kReLU2>(a, stream);
