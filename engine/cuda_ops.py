@@ -2,7 +2,7 @@
 
 Same numbers as TorchOps (engine/ops.py), bit for bit where a kernel replaces a reference op:
 activation quantization (plain and fused with RMSNorm), the final RMSNorm, the W2A8 BitLinear,
-RoPE + KV-cache write (in the q|k|v GEMM's epilogue for 2 to 64 rows), the MLP activation + sub-norm + quantization, and the attention sub-norm +
+RoPE + KV-cache write (in the q|k|v GEMM's epilogue for 1 to 64 rows), the MLP activation + sub-norm + quantization, and the attention sub-norm +
 quantization of the attention output. Attention differs from the reference only in floating-point
 summation order: decode steps (flash-decoding kernel, no host sync, so a step replays in a CUDA
 graph) and prompts (fused SDPA, instead of materialized [T, T] scores); so does the LM head (a bf16
@@ -29,7 +29,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
 
 class CudaOps(TorchOps):
     name = "cuda"
-    rope_in_gemm = True   # q|k|v projections of 2-64 rows through the W2A8 GEMM with the RoPE epilogue
+    rope_in_gemm = True   # q|k|v projections of 1-64 rows through the W2A8 GEMM with the RoPE epilogue
 
     def __init__(self, dtype: torch.dtype, device: torch.device | str = "cuda"):
         super().__init__(dtype, device)
@@ -69,20 +69,18 @@ class CudaOps(TorchOps):
         return y.view(*lead, -1)
 
     def qkv_rope_cache(self, x_q, x_scale, w: TernaryWeight, cos, sin, positions, slots, k_cache, v_cache):
-        """2 to 64 rows (batched decode steps, short prompts): one kernel, the q|k|v GEMM with RoPE and
-        the cache write in its epilogue. Otherwise the q|k|v BitLinear, then one kernel for RoPE and the
-        cache write. Same bits either way.
+        """1 to 64 rows (decode steps, short prompts): one kernel, the q|k|v GEMM with RoPE and the cache
+        write in its epilogue. Otherwise (longer prompt chunks) the q|k|v BitLinear, then one kernel for
+        RoPE and the cache write. Same bits either way.
 
-        Why not at one row: on an H100 the fused kernel beats the pair alone (2B-4T, launched back to
-        back: 2.92 against 3.32 us at M = 1, 3.81 against 5.25 at M = 16), but in the batch-1 decode
-        step it is slower (1,257-1,262 against 1,233-1,237 us per step, in turns on one GPU), and
-        faster from batch 8 up (1,459-1,464 against 1,475 us; batch 64 at a 128 / 512-token context:
-        2,855 / 3,624 against 2,909 / 3,694; README, "GPU runtime")."""
+        One row joined the fused kernel once the attention split ran on the tensor cores: H100 decode
+        steps at batch 1 (512 / 2,048 / 128-token context) 1,051-1,052 / 1,113-1,114 / 1,032-1,033 us
+        against 1,067-1,073 / 1,134 / 1,036 with the two launches (README, "GPU runtime")."""
         b, t = x_q.shape[:2]
         rows = positions.reshape(-1).long()
         row_slots = slots.long() if t == 1 else slots.long()[:, None].expand(b, t).reshape(-1)
         heads = w.segments[0] // k_cache.shape[3]
-        if self.rope_in_gemm and b * t > 1 and k_cache.dtype == self.dtype and \
+        if self.rope_in_gemm and k_cache.dtype == self.dtype and \
                 kernels.gemm_rope_kv_fits(b * t, heads, k_cache.shape[1], k_cache.shape[3]):
             q = kernels.gemm_rope_kv(x_q.reshape(b * t, -1), x_scale, w.weight, w.in_features,
                                      list(itertools.accumulate(w.segments)), w.scales, rows, row_slots, cos, sin,
