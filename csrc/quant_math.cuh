@@ -76,8 +76,12 @@ __device__ __forceinline__ float inv_rms_from(double sum_sq, int k, float eps) {
 
 // The register path of the row kernels (quantize.cu, decode.cu): one row per block, kRowVecs 16-byte
 // vectors per thread, so rows of up to kRowVecs * kRowMaxThreads vectors (16384 bf16) stay in registers.
-constexpr int kRowVecs = 4;
-constexpr int kRowMaxThreads = 512;
+// Two vectors a thread rather than four or eight (2B-4T rows: 256 and 512 threads): the per-thread
+// share of the row after the dependency wait is smaller (measured, not modelled). H100 decode steps at
+// batch 1 / 8 (512 tokens): 1,037-1,040 / 1,205-1,209 us against 1,050-1,056 / 1,218-1,219 with four
+// and 1,143 / 1,307 with eight; one vector a thread (up to 1,024 threads) 1,050 / 1,228 (README).
+constexpr int kRowVecs = 2;
+constexpr int kRowMaxThreads = 1024;
 
 // Threads for a row of k elements of T on the register path (the fewest warps that hold it), or 0
 // when the row does not fit it: k not a whole number of vectors, too long, or a pointer not 16-byte
