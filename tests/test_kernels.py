@@ -248,6 +248,29 @@ def test_rmsnorm_quantize_matches_reference(k, dtype, kk):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kk", [256, 2560, 6912])
+def test_rmsnorm_quantize_finds_the_max_among_tied_products(k, dtype, kk):
+    """Every x * w of a row is the same number, made of different factors (105 / d times d / 64), and the
+    factors round differently once multiplied by 1 / rms: the row's scale comes from the largest
+    normalized value, which is not simply that of the element with the largest |x * w|."""
+    gen = torch.Generator().manual_seed(kk + 3)
+    divisors = torch.tensor([1.0, 3.0, 5.0, 7.0, 15.0, 21.0, 35.0, 105.0])
+    quotients = torch.tensor([105.0, 35.0, 21.0, 15.0, 7.0, 5.0, 3.0, 1.0])  # 105 / divisors, exactly
+    pick = torch.randint(0, len(divisors), (kk,), generator=gen)
+    w = divisors[pick] / 64
+    m = 24
+    signs = torch.randint(0, 2, (m, kk), generator=gen) * 2.0 - 1.0
+    x = torch.ldexp(quotients[pick] * signs, torch.randint(-12, 12, (m, 1), generator=gen))  # exact powers of 2
+    halved = torch.rand(m, kk, generator=gen) < 0.5
+    x[m // 2:] = torch.where(halved[m // 2:], x[m // 2:] / 2, x[m // 2:])  # ties among a random half only
+    assert torch.equal(x.to(dtype).float(), x) and torch.equal(w.to(dtype).float(), w)  # the ties survive the cast
+    x, w = x.to(dtype), w.to(dtype)
+    q_ref, s_ref = quantize_activations(rmsnorm(x, w, 1e-5))
+    q, s = k.quantize(x.cuda(), w.cuda(), 1e-5)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.view(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kk", [64, 2560, 6913, 20000])  # 6913 and 20000: the strided fallback
 def test_rmsnorm_matches_reference(k, dtype, kk):
     gen = torch.Generator().manual_seed(kk + 2)
