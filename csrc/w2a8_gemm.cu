@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
   // kEarly elements are loaded right after the dependency wait, beside the activations, rather than
   // in one more dependent round trip to L2 after the reduction (graph step -29 us at batch 1 on an
   // H100). One element: the default launches have at least as many threads as elements (the rest
-  // load late), and more registers would cost the 12-warp RT = 2 launch its second block per SM.
+  // load late), and more registers would cost a 16-warp RT = 2 launch its second block per SM.
   // None where the kernel already uses all 128 registers (RT * NT = 4): even the x_scale alone
   // there made the step 23 us slower.
   constexpr int kEarly = RT * NT <= 2 ? 1 : 0;
@@ -347,11 +347,15 @@ GemmConfig default_config(int m, int ntiles, int nchunks) {
       cfg.warps = 8;
       cfg.row_tiles_per_block = nchunks <= 20 ? 4 : 2;
     } else {
-      cfg.warps = nchunks <= 32 ? 12 : 16;
       // two row tiles for wide matrices and the deepest (3200 x 10240, 80 chunks: 5.07 us at M = 1
       // against 5.48 with one); one for the 2B-4T down (54 chunks, H100: 3.28 us at M = 4 against
       // 3.51-3.57 with two; decode steps of batch 2-8 5-8 us faster, batch 1 the same)
       cfg.row_tiles_per_block = ntiles >= 300 || nchunks >= 64 ? 2 : 1;
+      // 16 warps for deep matrices; for the others 12, except one row tile of 2-8 tokens: 16 warps, a
+      // chunk or two each (the 2B-4T o projection: decode steps of batches 2-8 5-16 us faster on an
+      // H100 and an H200; at batch 1 the H100 was level or 3-4 us slower: README). Two row tiles of
+      // few chunks at 16 warps no longer fit twice on an SM (3B q|k|v at M = 1: 5.11 us against 3.24).
+      cfg.warps = nchunks > 32 || (cfg.row_tiles_per_block == 1 && m > 1) ? 16 : 12;
     }
   } else if (m <= 16) {
     if (tall && nchunks <= 20) {  // 2B-4T gate|up: 7.54-7.58 us against 7.93-8.05 at (2, 8) (two runs)
@@ -403,7 +407,7 @@ cudaError_t dispatch(const int8_t* x_q, const float* x_scale, int m, const uint3
 }
 
 // The q|k|v projection with the RoPE epilogue: two row tiles per block (a pair); 8 warps up to 8 tokens
-// (2B-4T q|k|v on an H100: 2.92 us at M = 1 against 3.06 with the plain GEMV's 12, 3.02 against 3.13 at
+// (2B-4T q|k|v on an H100: 2.92 us at M = 1 against 3.06 with 12, 3.02 against 3.13 at
 // M = 4), the plain GEMV's default above.
 template <typename Out>
 cudaError_t dispatch_rope(const int8_t* x_q, const float* x_scale, int m, const uint32_t* tiled, int n, int k,
