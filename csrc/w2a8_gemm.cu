@@ -333,11 +333,12 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
 }
 
 // Default launch shape, from sweeps (bench/kernels.py --sweep; kernels back to back in a CUDA graph
-// with PDL; up to 8 tokens on an H200, above on an H100): the kernel is latency-bound, so at one token
-// group split K over many warps (one or two chunks each) and give a block several row tiles only when
-// the matrix is very tall or very deep. From 9 tokens every block also reads its 16 tokens'
-// activations: at 16, a tall matrix of few chunks runs as many small blocks that are all resident at
-// once; with several token groups, tall and deep matrices take four row tiles per block.
+// with PDL; up to 8 tokens on an H200, above on an H100), some settled in the decode step itself,
+// where each GEMV overlaps its neighbours: the kernel is latency-bound, so at one token group split K
+// over many warps (one or two chunks each) and give a block several row tiles only when the matrix
+// is very tall or very deep. From 9 tokens every block also reads its 16 tokens' activations: a tall
+// matrix of few chunks runs as many small blocks that are all resident at once; with several token
+// groups, other tall matrices and deep ones take four row tiles per block.
 GemmConfig default_config(int m, int ntiles, int nchunks) {
   GemmConfig cfg{};
   cfg.unroll = 4;
