@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
   // kEarly elements are loaded right after the dependency wait, beside the activations, rather than
   // in one more dependent round trip to L2 after the reduction (graph step -29 us at batch 1 on an
   // H100). One element: the default launches have at least as many threads as elements (the rest
-  // load late), and more registers would cost a 16-warp RT = 2 launch its second block per SM.
+  // load late), and more registers would cost the 12-warp RT = 2 launch its second block per SM.
   // None where the kernel already uses all 128 registers (RT * NT = 4): even the x_scale alone
   // there made the step 23 us slower.
   constexpr int kEarly = RT * NT <= 2 ? 1 : 0;
