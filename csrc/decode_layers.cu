@@ -191,10 +191,9 @@ __device__ __forceinline__ void mma_item(const Projection& p, int item, const ui
   int acc[4] = {0, 0, 0, 0};
 #pragma unroll
   for (int st = 0; st < 4; ++st) {
-    const uint32_t word = wv[st];
-    mma_s8(acc, word & 0x03030303u, (word >> 2) & 0x03030303u, (word >> 4) & 0x03030303u, (word >> 6) & 0x03030303u,
-           xv[2 * st], xv[2 * st + 1]);
+    mma_ternary(acc, ternary_a(wv[st]), xv[2 * st], xv[2 * st + 1]);
   }
+  unscale_rows(acc);
   int* dst = s.acc + (i * 32 + lane) * 4;
 #pragma unroll
   for (int e = 0; e < 4; ++e) atomicAdd(dst + e, acc[e]);

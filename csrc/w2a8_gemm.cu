@@ -3,7 +3,7 @@
 // Math: each weight is stored as the code c = w + 1 in {0, 1, 2}. mma.m16n8k32 (s8 x s8 -> s32)
 // accumulates sum_k c * x exactly, and sum_k w * x = sum_k c * x - sum_k x, so the kernel also sums
 // the activations (dp4a against 0x01010101) and subtracts once in the epilogue. No decode beyond a
-// shift and a mask: (word >> 2u) & 0x03030303 is directly an A-operand register.
+// shift and a mask: word & 0x03030303 is directly an A-operand register (gemm_common.cuh ternary_a).
 //
 // Tiled weight layout (built on the GPU by repack_ternary from the checkpoint's canonical packing):
 // for row tile t (output rows 16t .. 16t+15), chunk c (inputs 128c .. 128c+127) and lane L of a
@@ -79,8 +79,12 @@ struct RopeInput {
   int pos, slot;  // pos -1: the position or slot lies outside the cache or the tables
 };
 
-template <int RT, int NT, int U, typename Out, bool kRope>
-__global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale,
+// kTwoPerSm: blocks of up to 12 warps, two of which must fit on an SM (at most 80 registers). The
+// launches of two row tiles and one token group take it: at 82 registers, where ternary_a left that
+// kernel with the usual bound, the 3B q|k|v and gate|up at M = 1 took 5.04 and 10.29 us on an H100
+// against 3.24 and 8.20.
+template <int RT, int NT, int U, typename Out, bool kRope, bool kTwoPerSm>
+__global__ void __launch_bounds__(kTwoPerSm ? 384 : 512, kTwoPerSm ? 2 : 0) gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale,
                                                    int m, int k_stride, const uint4* __restrict__ w, int n,
                                                    int ntiles, int nchunks, Segments seg,
                                                    const Out* __restrict__ residual, Out* __restrict__ out,
@@ -216,11 +220,9 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
       for (int s = 0; s < 4; ++s) {
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
-          const uint32_t word = wv[u][r][s];
-          const uint32_t a0 = word & 0x03030303u, a1 = (word >> 2) & 0x03030303u;
-          const uint32_t a2 = (word >> 4) & 0x03030303u, a3 = (word >> 6) & 0x03030303u;
+          const TernaryA a = ternary_a(wv[u][r][s]);
 #pragma unroll
-          for (int t = 0; t < NT; ++t) mma_s8(acc[r][t], a0, a1, a2, a3, xv[u][t][2 * s], xv[u][t][2 * s + 1]);
+          for (int t = 0; t < NT; ++t) mma_ternary(acc[r][t], a, xv[u][t][2 * s], xv[u][t][2 * s + 1]);
         }
       }
     }
@@ -236,9 +238,11 @@ __global__ void __launch_bounds__(512) gemm_kernel(const int8_t* __restrict__ x_
 #pragma unroll
   for (int r = 0; r < RT; ++r)
 #pragma unroll
-    for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NT; ++t) {
+      unscale_rows(acc[r][t]);
 #pragma unroll
       for (int i = 0; i < 4; ++i) partial[warp * kPerBlock + ((r * NT + t) * 32 + lane) * 4 + i] = acc[r][t][i];
+    }
   if (q == 0) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) sums[warp * 8 * NT + 8 * t + g] = xsum[t];
@@ -322,7 +326,9 @@ cudaError_t launch(const int8_t* x_q, const float* x_scale, int m, const uint32_
   const int ntiles = ceil_div(n, kTileRows), nchunks = ceil_div(k, kChunkK);
   const dim3 grid(ceil_div(ntiles, RT), ceil_div(m, 8 * NT));
   const size_t smem = (size_t)warps * (RT * NT * 128 + 8 * NT) * sizeof(int) + (kRope ? NT * 128 * sizeof(RopeInput) : 0);
-  const auto kernel = gemm_kernel<RT, NT, U, Out, kRope>;
+  auto kernel = gemm_kernel<RT, NT, U, Out, kRope, false>;
+  if constexpr (RT == 2 && NT == 1 && !kRope)
+    if (warps <= 12) kernel = gemm_kernel<RT, NT, U, Out, kRope, true>;
   if (smem > 48 * 1024) {  // many warps of RT = 4, NT = 2
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;

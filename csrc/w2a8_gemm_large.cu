@@ -46,7 +46,6 @@
 namespace bitnet {
 namespace {
 
-constexpr uint32_t kCodeMask = 0x03030303u;
 constexpr int kPieces = kChunkK / 16;  // 16-byte pieces per activation row of a chunk
 constexpr int kTileBytes = 512;        // one 16-row x 128-input weight tile
 
@@ -264,11 +263,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
       for (int ss = 0; ss < 2; ++ss) {
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
-          const uint32_t word = wv[r][2 * h + ss];
-          const uint32_t a0 = word & kCodeMask, a1 = (word >> 2) & kCodeMask;
-          const uint32_t a2 = (word >> 4) & kCodeMask, a3 = (word >> 6) & kCodeMask;
+          const TernaryA a = ternary_a(wv[r][2 * h + ss]);
 #pragma unroll
-          for (int j = 0; j < TG; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, xb[j][2 * ss], xb[j][2 * ss + 1]);
+          for (int j = 0; j < TG; ++j) mma_ternary(acc[r][j], a, xb[j][2 * ss], xb[j][2 * ss + 1]);
         }
       }
     }
@@ -283,9 +280,11 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocks)
     xsum[j] += __shfl_xor_sync(0xffffffffu, xsum[j], 2);
     const int token_sum[2] = {__shfl_sync(0xffffffffu, xsum[j], 8 * q), __shfl_sync(0xffffffffu, xsum[j], 8 * q + 4)};
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
+    for (int r = 0; r < RT; ++r) {
+      unscale_rows(acc[r][j]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][j][e] -= token_sum[e & 1];
+    }
   }
 
   if (splits > 1) {  // add the cluster's partials; this block finishes the warps of its rank
