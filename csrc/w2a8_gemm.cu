@@ -82,7 +82,8 @@ struct RopeInput {
 // kTwoPerSm: blocks of up to 12 warps, two of which must fit on an SM (at most 80 registers). The
 // launches of two row tiles and one token group take it: at 82 registers, where ternary_a left that
 // kernel with the usual bound, the 3B q|k|v and gate|up at M = 1 took 5.04 and 10.29 us on an H100
-// against 3.24 and 8.20.
+// against 3.24 and 8.20. The others keep a bound of 512 threads and no block count (0: an explicit 1
+// made ptxas give most instances more registers).
 template <int RT, int NT, int U, typename Out, bool kRope, bool kTwoPerSm>
 __global__ void __launch_bounds__(kTwoPerSm ? 384 : 512, kTwoPerSm ? 2 : 0) gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale,
                                                    int m, int k_stride, const uint4* __restrict__ w, int n,
