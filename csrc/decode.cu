@@ -76,7 +76,7 @@ cudaError_t launch_act(const void* gate_up, const void* weight, int m, int f, in
                        float* scale, cudaStream_t stream) {
   const T* x = static_cast<const T*>(gate_up);
   const T* w = static_cast<const T*>(weight);
-  if (const int threads = register_row_threads<T>(f, x, w))
+  if (const int threads = int8_rows_aligned(x_q, k_stride) ? register_row_threads<T>(f, x, w) : 0)
     return launch_pdl(act_quant_vec_kernel<T, kAct>, dim3(m), dim3(threads), 0, stream, m, x, w, f, k_stride, eps, x_q,
                       scale);
   return launch_pdl(act_quant_loop_kernel<T, kAct>, dim3(m), dim3(256), 0, stream, m, x, w, f, k_stride, eps, x_q,

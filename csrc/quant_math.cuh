@@ -76,10 +76,13 @@ __device__ __forceinline__ float inv_rms_from(double sum_sq, int k, float eps) {
 
 // The register path of the row kernels (quantize.cu, decode.cu): one row per block, kRowVecs 16-byte
 // vectors per thread, so rows of up to kRowVecs * kRowMaxThreads vectors (16384 bf16) stay in registers.
-// Two vectors a thread rather than four or eight (2B-4T rows: 256 and 512 threads): the per-thread
+// Two vectors a thread rather than four or eight (2B-4T rows: 160 and 448 threads): the per-thread
 // share of the row after the dependency wait is smaller (measured, not modelled). H100 decode steps at
 // batch 1 / 8 (512 tokens): 1,037-1,040 / 1,205-1,209 us against 1,050-1,056 / 1,218-1,219 with four
 // and 1,143 / 1,307 with eight; one vector a thread (up to 1,024 threads) 1,050 / 1,228 (README).
+// Exactly the warps the row needs, not the next power of two (256 and 512 threads before, their
+// extra warps idle but in every barrier): batch 1 level, batch 8 1,141-1,143 us against 1,145, batch
+// 64 3,184-3,186 against 3,202-3,205 (H100 graph replay, in turns).
 constexpr int kRowVecs = 2;
 constexpr int kRowMaxThreads = 1024;
 
@@ -93,9 +96,12 @@ inline int register_row_threads(int k, const void* a, const void* b = nullptr, c
   for (const void* p : {a, b, c})
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 0;
   if (k % E != 0 || nvec > kRowVecs * kRowMaxThreads) return 0;
-  int threads = 32;
-  while (threads * kRowVecs < nvec) threads *= 2;
-  return threads;
+  return 32 * ceil_div(nvec, 32 * kRowVecs);
+}
+
+// Whether int8 rows at `out`, k_stride bytes apart, take the register path's vector stores.
+inline bool int8_rows_aligned(const int8_t* out, int k_stride) {
+  return reinterpret_cast<uintptr_t>(out) % 16 == 0 && k_stride % 16 == 0;
 }
 
 // A row of k elements of T (16-byte aligned, k a multiple of E) into the block's registers in the
@@ -204,9 +210,17 @@ __device__ __forceinline__ void quantize_row_registers(float (&v)[kVecs][E], con
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) {
     const int vi = threadIdx.x + j * blockDim.x;
+    // E int8 values in one 8- or 4-byte store, not E byte stores: a row kernel is one block per row,
+    // and its byte stores (2,560 for a 2B-4T row) were on the decode step's critical path. H100
+    // graph replay, us per step: batch 1 1,005-1,010 against 1,023-1,025, batch 8 1,145-1,148 against
+    // 1,164-1,166, batch 64 3,195-3,205 against 3,232-3,245. The caller checks the alignment
+    // (int8_rows_aligned).
     if (vi < nvec) {
+      uint32_t q[E / 4] = {};
 #pragma unroll
-      for (int i = 0; i < E; ++i) out[vi * E + i] = quant_value(v[j][i], s);
+      for (int i = 0; i < E; ++i) q[i / 4] |= (uint32_t)(uint8_t)quant_value(v[j][i], s) << (8 * (i % 4));
+      if constexpr (E == 8) *reinterpret_cast<uint2*>(out + vi * E) = make_uint2(q[0], q[1]);
+      else *reinterpret_cast<uint32_t*>(out + vi * E) = q[0];
     }
   }
   for (int i = k + threadIdx.x; i < k_stride; i += blockDim.x) out[i] = 0;  // the GEMM's zero padding

@@ -61,13 +61,16 @@ __global__ void __launch_bounds__(kRowMaxThreads) rmsnorm_vec_kernel(const T* __
   wait_for_previous_kernel();
   load_row_registers(x + (size_t)blockIdx.x * k, k, v);
   normalize_row_registers<T>(v, gain, k, eps);
-  T* row = out + (size_t)blockIdx.x * k;
+  uint4* row = reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * k);
 #pragma unroll
   for (int j = 0; j < kRowVecs; ++j) {
     const int vi = threadIdx.x + j * blockDim.x;
-    if (vi < k / E) {
+    if (vi < k / E) {  // one 16-byte store per vector (see quantize_row_registers)
+      uint4 packed;
+      T* e = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int i = 0; i < E; ++i) row[vi * E + i] = to_dtype<T>(v[j][i]);
+      for (int i = 0; i < E; ++i) e[i] = to_dtype<T>(v[j][i]);
+      row[vi] = packed;
     }
   }
 }
@@ -105,7 +108,7 @@ cudaError_t launch_typed(const void* x, const void* weight, int m, int k, int k_
                          float* scale, cudaStream_t stream) {
   const T* xt = static_cast<const T*>(x);
   const T* wt = static_cast<const T*>(weight);
-  if (const int threads = register_row_threads<T>(k, x, kNorm ? weight : nullptr))
+  if (const int threads = int8_rows_aligned(x_q, k_stride) ? register_row_threads<T>(k, x, kNorm ? weight : nullptr) : 0)
     return launch_pdl(quantize_vec_kernel<T, kNorm>, dim3(m), dim3(threads), 0, stream, m, xt, wt, k, k_stride, eps,
                       x_q, scale);
   return launch_pdl(quantize_loop_kernel<T, kNorm>, dim3(m), dim3(256), 0, stream, m, xt, wt, k, k_stride, eps, x_q,

@@ -236,6 +236,22 @@ def test_quantize_matches_reference(k, dtype, kk):
     assert (out_q[:, kk:] == 0).all()  # the padding the GEMM relies on
 
 
+@pytest.mark.parametrize("offset", [1, 8])
+def test_quantize_into_unaligned_rows_matches_reference(k, offset):
+    """The register path writes 8 int8 values per store; an out_q that does not start on a 16-byte
+    boundary takes the strided kernel instead and must give the same bytes."""
+    kk, m = 2560, 5
+    gen = torch.Generator().manual_seed(offset)
+    x = rows_for_quant(m, kk, gen, torch.bfloat16)
+    w = (0.5 + torch.rand(kk, generator=gen)).to(torch.bfloat16)
+    q_ref, s_ref = quantize_activations(rmsnorm(x, w, 1e-5))
+    flat = torch.full((m * k.padded(kk) + offset,), 99, dtype=torch.int8, device="cuda")
+    out_q = flat[offset:].view(m, k.padded(kk))
+    q, s = k.quantize(x.cuda(), w.cuda(), 1e-5, out_q=out_q)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.view(-1))
+    assert (flat[:offset] == 99).all()  # nothing written before the rows
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kk", [64, 2560, 6912, 3200])
 def test_rmsnorm_quantize_matches_reference(k, dtype, kk):
