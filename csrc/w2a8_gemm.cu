@@ -2,8 +2,9 @@
 //
 // Math: each weight is stored as the code c = w + 1 in {0, 1, 2}. mma.m16n8k32 (s8 x s8 -> s32)
 // accumulates sum_k c * x exactly, and sum_k w * x = sum_k c * x - sum_k x, so the kernel also sums
-// the activations (dp4a against 0x01010101) and subtracts once in the epilogue. No decode beyond a
-// shift and a mask: word & 0x03030303 is directly an A-operand register (gemm_common.cuh ternary_a).
+// the activations (dp4a against 0x01010101) and subtracts once in the epilogue. No decode beyond
+// masks and one shift per tile word: word & 0x03030303 is directly an A-operand register
+// (gemm_common.cuh ternary_a).
 //
 // Tiled weight layout (built on the GPU by repack_ternary from the checkpoint's canonical packing):
 // for row tile t (output rows 16t .. 16t+15), chunk c (inputs 128c .. 128c+127) and lane L of a
@@ -85,11 +86,10 @@ struct RopeInput {
 // against 3.24 and 8.20. The others keep a bound of 512 threads and no block count (0: an explicit 1
 // made ptxas give most instances more registers).
 template <int RT, int NT, int U, typename Out, bool kRope, bool kTwoPerSm>
-__global__ void __launch_bounds__(kTwoPerSm ? 384 : 512, kTwoPerSm ? 2 : 0) gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale,
-                                                   int m, int k_stride, const uint4* __restrict__ w, int n,
-                                                   int ntiles, int nchunks, Segments seg,
-                                                   const Out* __restrict__ residual, Out* __restrict__ out,
-                                                   RopeKV rope) {
+__global__ void __launch_bounds__(kTwoPerSm ? 384 : 512, kTwoPerSm ? 2 : 0)
+    gemm_kernel(const int8_t* __restrict__ x_q, const float* __restrict__ x_scale, int m, int k_stride,
+                const uint4* __restrict__ w, int n, int ntiles, int nchunks, Segments seg,
+                const Out* __restrict__ residual, Out* __restrict__ out, RopeKV rope) {
   static_assert(!kRope || RT == 2, "the RoPE epilogue pairs a block's two row tiles");
   extern __shared__ int smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
