@@ -369,33 +369,45 @@ std::vector<Tensor> act_norm_quant(const Tensor& gate_up, const Tensor& weight, 
   return {x_q.narrow(1, 0, f), scale};
 }
 
-// ---- the int8 LM head ----
+// ---- the LM head as a stream of its table ----
 
-// logits fp32 [m, V] = (x [m, k] . w_q [V, k]^T) * scale [V]
-Tensor lm_head_int8(const Tensor& x, const Tensor& w_q, const Tensor& scale, const std::optional<Tensor>& out) {
+// logits fp32 [m, V] = (x [m, k] . table [V, k]^T) * scale [V]: table int8 with fp32 scales, or bf16
+// with none
+Tensor lm_head(const Tensor& x, const Tensor& table, const std::optional<Tensor>& scale,
+               const std::optional<Tensor>& out) {
   check_2d_cuda(x, "x");
   const auto dtype = float_dtype(x, "x");
-  check_2d_cuda(w_q, "w_q");
-  TORCH_CHECK(w_q.scalar_type() == torch::kInt8 && w_q.is_contiguous(), "w_q must be a contiguous int8 tensor");
-  const int64_t m = x.size(0), k = x.size(1), v = w_q.size(0);
-  TORCH_CHECK(m > 0 && k > 0 && v > 0, "x and w_q must not be empty");
-  TORCH_CHECK(w_q.size(1) == k, "x has ", k, " features but the rows of w_q have ", w_q.size(1));
-  TORCH_CHECK(k <= bitnet::kLmHeadMaxK, "the int8 head takes rows of at most ", bitnet::kLmHeadMaxK, " features, got ", k);
-  TORCH_CHECK(m < (1LL << 31) && v < (1LL << 31), "x or w_q has too many rows");
-  TORCH_CHECK(x.device() == w_q.device(), "x and w_q are on different devices");
-  TORCH_CHECK(scale.device() == x.device() && scale.scalar_type() == torch::kFloat32 && scale.dim() == 1 &&
-                  scale.size(0) == v && scale.is_contiguous(),
-              "scale must be a contiguous fp32 vector of ", v, " values on x's device");
+  check_2d_cuda(table, "table");
+  const bool int8 = table.scalar_type() == torch::kInt8;
+  TORCH_CHECK((int8 || table.scalar_type() == torch::kBFloat16) && table.is_contiguous(),
+              "the head table must be a contiguous int8 or bf16 tensor");
+  TORCH_CHECK(int8 == scale.has_value(), int8 ? "an int8 head table needs its scales" : "a bf16 head table takes no scales");
+  const int64_t m = x.size(0), k = x.size(1), v = table.size(0);
+  TORCH_CHECK(m > 0 && k > 0 && v > 0, "x and the head table must not be empty");
+  TORCH_CHECK(table.size(1) == k, "x has ", k, " features but the head's rows have ", table.size(1));
+  TORCH_CHECK(k <= bitnet::kLmHeadMaxK, "the head kernel takes rows of at most ", bitnet::kLmHeadMaxK, " features, got ", k);
+  TORCH_CHECK(m < (1LL << 31) && v < (1LL << 31), "x or the head table has too many rows");
+  TORCH_CHECK(x.device() == table.device(), "x and the head table are on different devices");
+  if (int8)
+    TORCH_CHECK(scale->device() == x.device() && scale->scalar_type() == torch::kFloat32 && scale->dim() == 1 &&
+                    scale->size(0) == v && scale->is_contiguous(),
+                "scale must be a contiguous fp32 vector of ", v, " values on x's device");
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
   Tensor y = out ? *out : torch::empty({m, v}, x.options().dtype(torch::kFloat32));
   TORCH_CHECK(y.device() == x.device() && y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2 &&
                   y.size(0) == m && y.size(1) == v,
               "out must be a contiguous fp32 [", m, ", ", v, "] tensor on x's device");
-  check_cuda(bitnet::lm_head_int8(xc.data_ptr(), dtype, static_cast<int>(m), static_cast<int>(k),
-                                  w_q.data_ptr<int8_t>(), scale.data_ptr<float>(), static_cast<int>(v),
-                                  y.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
-             "lm_head_int8");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (int8)
+    check_cuda(bitnet::lm_head_int8(xc.data_ptr(), dtype, static_cast<int>(m), static_cast<int>(k),
+                                    table.data_ptr<int8_t>(), scale->data_ptr<float>(), static_cast<int>(v),
+                                    y.data_ptr<float>(), stream),
+               "lm_head_int8");
+  else
+    check_cuda(bitnet::lm_head_bf16(xc.data_ptr(), dtype, static_cast<int>(m), static_cast<int>(k),
+                                    table.data_ptr(), static_cast<int>(v), y.data_ptr<float>(), stream),
+               "lm_head_bf16");
   return y;
 }
 
@@ -542,8 +554,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("norm_weight") = py::none(), py::arg("eps") = 1e-5, py::arg("splits") = 0);
   m.def("act_norm_quant", &act_norm_quant, "act(gate) * up, RMSNorm and int8 quantization", py::arg("gate_up"),
         py::arg("weight"), py::arg("eps"), py::arg("activation"));
-  m.def("lm_head_int8", &lm_head_int8, "the int8 LM head: fp32 logits of x against int8 rows with fp32 scales",
-        py::arg("x"), py::arg("w_q"), py::arg("scale"), py::arg("out") = py::none());
+  m.def("lm_head", &lm_head, "the LM head: fp32 logits of x against int8 rows with fp32 scales, or bf16 rows",
+        py::arg("x"), py::arg("table"), py::arg("scale") = py::none(), py::arg("out") = py::none());
   m.def("argmax_rows", &argmax_rows, "each row's first largest value's index (torch.argmax(dim=-1))",
         py::arg("logits"));
   m.def("decode_layer_table", &decode_layer_table, "the per-layer weight table of decode_layers", py::arg("weights"),

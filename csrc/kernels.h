@@ -175,9 +175,9 @@ cudaError_t decode_layers(const DecodeLayer* layers, const DecodeShape& shape, i
 int decode_layers_blocks();
 constexpr int kDecodePhases = 7;
 
-// ---- the int8 LM head (lm_head.cu) ----
+// ---- the LM head as a stream of its table (lm_head.cu) ----
 
-// Longest row the int8 head takes: one fp32 row of x must fit in its 96 KB of shared memory.
+// Longest row the head kernel takes: one fp32 row of x must fit in its 96 KB of shared memory.
 constexpr int kLmHeadMaxK = 24576;
 
 // out[m, v] = scale[v] * sum_k x[m, k] * w[v, k]: x [m, k] (fp32 or bf16, contiguous), w int8 [v, k]
@@ -185,6 +185,9 @@ constexpr int kLmHeadMaxK = 24576;
 // does not depend on m). Any m, v; 1 <= k <= kLmHeadMaxK. No allocation, no host sync.
 cudaError_t lm_head_int8(const void* x, DType x_dtype, int m, int k, const int8_t* w, const float* scale, int v,
                          float* out, cudaStream_t stream);
+// The same for a bf16 table [v, k] and no scale: out[m, v] = sum_k x[m, k] * w[v, k].
+cudaError_t lm_head_bf16(const void* x, DType x_dtype, int m, int k, const void* w, int v, float* out,
+                         cudaStream_t stream);
 
 // ---- the greedy pick (argmax.cu) ----
 

@@ -5,10 +5,11 @@ activation quantization (plain and fused with RMSNorm), the final RMSNorm, the W
 RoPE + KV-cache write (in the q|k|v GEMM's epilogue for 1 to 64 rows), the MLP activation + sub-norm + quantization, and the attention sub-norm +
 quantization of the attention output. Attention differs from the reference only in floating-point
 summation order: decode steps (flash-decoding kernel, no host sync, so a step replays in a CUDA
-graph) and prompts (fused SDPA, instead of materialized [T, T] scores); so does the LM head (a bf16
-GEMM accumulating and returning fp32, to keep memory at one copy of the embedding; or, with an
-Int8Head, the int8 head kernel of csrc/lm_head.cu: fp32 products and sums of the same int8 values
-as the reference).
+graph) and prompts (fused SDPA, instead of materialized [T, T] scores); so does the LM head (fp32
+products and sums of the bf16 table itself, to keep memory at one copy of the embedding: the
+streaming kernel of csrc/lm_head.cu for one or two rows, a cuBLAS GEMM for more; or, with an
+Int8Head, the same kernel over the int8 table: fp32 products and sums of the same int8 values as
+the reference).
 """
 
 import itertools
@@ -21,9 +22,10 @@ from torch.nn.attention.bias import causal_lower_right
 from . import kernels
 from .ops import Int8Head, TernaryWeight, TorchOps
 
-# The bf16 LM head is the engine's only cuBLAS call. On Hopper torch gives cuBLAS a 32 MiB workspace
-# per stream (the runtime uses three: prompts, graph warm-up, graph capture): 100 MB of a 1.6 GB
-# budget, for a GEMV that needs none. 4 MiB each, unless the user chose (read at cuBLAS's first use).
+# The bf16 LM head of more than two rows is the engine's only cuBLAS call. On Hopper torch gives cuBLAS
+# a 32 MiB workspace per stream (the runtime uses three: prompts, graph warm-up, graph capture): 100 MB
+# of a 1.6 GB budget, for a GEMV that needs none. 4 MiB each, unless the user chose (read at cuBLAS's
+# first use).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
 
 
@@ -157,4 +159,9 @@ class CudaOps(TorchOps):
             return kernels.lm_head_int8(x, table.w_q, table.scale)
         if table.dtype == torch.float32:
             return x.float() @ table.t()
+        # one or two rows: the streaming kernel reads the table faster than cuBLAS (BITNET_CUBLAS_HEAD=1,
+        # read at each call, so at graph capture, turns it off for comparisons)
+        if table.dtype == torch.bfloat16 and x.shape[0] <= kernels.LM_HEAD_BF16_MAX_ROWS \
+                and table.shape[1] <= kernels.LM_HEAD_MAX_K and os.environ.get("BITNET_CUBLAS_HEAD") != "1":
+            return kernels.lm_head_bf16(x, table)
         return torch.mm(x.to(table.dtype), table.t(), out_dtype=torch.float32)  # fp32 accumulation and result

@@ -273,8 +273,26 @@ def act_norm_quant(gate_up: torch.Tensor, weight: torch.Tensor, eps: float, acti
     return tuple(load().act_norm_quant(gate_up.contiguous(), weight, float(eps), activation))
 
 
-# ---- the int8 LM head -----------------------------------------------------------------------------
+# ---- the LM head as a stream of its table ---------------------------------------------------------
 LM_HEAD_MAX_K = 24576  # csrc/kernels.h kLmHeadMaxK: one fp32 row of x fits the kernel's shared memory
+
+
+def _check_head_inputs(x: torch.Tensor, table: torch.Tensor, dtype: torch.dtype, what: str, out):
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES or not x.is_cuda or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty 2-D bf16 or fp32 CUDA tensor, got {x.dtype} {list(x.shape)} "
+                         f"on {x.device}")
+    if table.dim() != 2 or table.dtype != dtype or table.device != x.device or not table.is_contiguous() \
+            or table.shape[0] == 0:
+        raise ValueError(f"{what} must be a contiguous {dtype} [V, K] tensor on {x.device}, got {table.dtype} "
+                         f"{list(table.shape)} on {table.device}{'' if table.is_contiguous() else ', not contiguous'}")
+    v, k = table.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} features but the head's rows have {k}")
+    if k > LM_HEAD_MAX_K:
+        raise ValueError(f"the head kernel takes rows of at most {LM_HEAD_MAX_K} features, got {k}")
+    if out is not None and (out.shape != (x.shape[0], v) or out.dtype != torch.float32 or out.device != x.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous fp32 [{x.shape[0]}, {v}] tensor on {x.device}")
 
 
 def lm_head_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
@@ -284,25 +302,26 @@ def lm_head_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: t
     fp32 [m, V] tensor written in place (no allocation: CUDA-graph friendly either way). Products and
     sums in fp32; each logit's summation order is fixed by K alone, so a row of x gets bit-identical
     logits whatever m is. Any m and V, 1 <= K <= LM_HEAD_MAX_K."""
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES or not x.is_cuda or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty 2-D bf16 or fp32 CUDA tensor, got {x.dtype} {list(x.shape)} "
-                         f"on {x.device}")
-    if w_q.dim() != 2 or w_q.dtype != torch.int8 or w_q.device != x.device or not w_q.is_contiguous() \
-            or w_q.shape[0] == 0:
-        raise ValueError(f"w_q must be a contiguous int8 [V, K] tensor on {x.device}, got {w_q.dtype} "
-                         f"{list(w_q.shape)} on {w_q.device}{'' if w_q.is_contiguous() else ', not contiguous'}")
-    v, k = w_q.shape
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} features but the head's rows have {k}")
-    if k > LM_HEAD_MAX_K:
-        raise ValueError(f"the int8 head takes rows of at most {LM_HEAD_MAX_K} features, got {k}")
+    _check_head_inputs(x, w_q, torch.int8, "w_q", out)
+    v = w_q.shape[0]
     if scale.shape != (v,) or scale.dtype != torch.float32 or scale.device != x.device or not scale.is_contiguous():
         raise ValueError(f"scale must be a contiguous fp32 vector of {v} values on {x.device}, got {scale.dtype} "
                          f"{list(scale.shape)} on {scale.device}")
-    if out is not None and (out.shape != (x.shape[0], v) or out.dtype != torch.float32 or out.device != x.device
-                            or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous fp32 [{x.shape[0]}, {v}] tensor on {x.device}")
-    return load().lm_head_int8(x.contiguous(), w_q, scale, out)
+    return load().lm_head(x.contiguous(), w_q, scale, out)
+
+
+# Up to this many rows the bf16 head streams its table through lm_head_bf16; above, one cuBLAS GEMM.
+# H100 decode-step graph replay, in turns (us per step, the kernel / cuBLAS): batch 1 993-1010 /
+# 1015-1020, batch 2 998-999 / 1012-1013, batch 4 1033-1060 / 1045-1046, batch 8 1161-1177 / 1145-1146.
+LM_HEAD_BF16_MAX_ROWS = 2
+
+
+def lm_head_bf16(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None):
+    """The bf16 LM head (the checkpoint's own, usually the tied embedding): fp32 logits [m, V] =
+    x [m, K] . table [V, K]^T, fp32 products and sums, as lm_head_int8 computes them (so a row of x
+    gets bit-identical logits whatever m is). Meant for m <= LM_HEAD_BF16_MAX_ROWS; any m works."""
+    _check_head_inputs(x, table, torch.bfloat16, "table", out)
+    return load().lm_head(x.contiguous(), table, None, out)
 
 
 # ---- the greedy pick -------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Skipped without a GPU; bench/gpu_check.sh runs them on the lent one.
 
 Tolerance. The GPU computes the same integers as the reference (the W2A8 GEMM, quantization and
 norms are bit-exact, tests/test_kernels*.py) and differs only where floating-point summation
-order differs: attention (flash-decoding / SDPA against fp32 matmuls) and the LM head (cuBLAS
-GEMM against the CPU's). Those differences are ~1e-7 relative in fp32. In bf16 an attention
+order differs: attention (flash-decoding / SDPA against fp32 matmuls) and the LM head (the
+streaming kernel of csrc/lm_head.cu or a cuBLAS GEMM against the CPU's). Those differences are ~1e-7 relative in fp32. In bf16 an attention
 output that sits on a bf16 rounding boundary can round the other way (probability ~1e-7 / 2^-8
 per value), which moves the next int8 activation by one step and the logits by ~1e-3 of their
 range: with random weights, whose top logits are close, greedy paths of 64 tokens then do part

@@ -12,6 +12,9 @@ order; u = 2^-24), and the scale adds u * |result|. So against float64:
 The tests allow (d + 2) * u * (|x| . |w_q|) * scale. For the kernel at K = 2560 that is 87 * 2^-24 of
 the sum of |terms|: a term lost, doubled, or taken from the wrong row or k (about 1/K of that sum)
 exceeds it by a factor of ~75, a wrong scale or row by far more.
+
+The same kernel streams the bf16 head (the checkpoint's own table, no scale) for decode batches:
+8 weights per 16-byte lane load, so d = 8 * ceil(K / 256) + 5; bf16 products are exact in fp32.
 """
 
 import math
@@ -219,6 +222,8 @@ def test_kernel_wrapper_refuses_bad_arguments_before_the_gpu():
     w, s = random_head(10, 32, 0)
     with pytest.raises(ValueError, match="CUDA"):
         kernels.lm_head_int8(torch.zeros(1, 32), w, s)
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.lm_head_bf16(torch.zeros(1, 32), w.to(torch.bfloat16))
 
 
 # ---- the CUDA kernel ------------------------------------------------------------------------------
@@ -332,3 +337,100 @@ def test_gpu_int8_head_gives_the_reference_tokens(tiny_checkpoint, graphs):
     ids = cpu.encode("The quick brown fox jumps")
     ref = cpu.logits(ids)   # GPU and CPU differ in attention's summation order (as for the bf16 head)
     assert (gpu.logits(ids).cpu() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---- the bf16 head through the same kernel -----------------------------------------------------------
+
+def random_bf16_table(v: int, k: int, seed: int) -> torch.Tensor:
+    """bf16 rows of mixed magnitudes, with rows of extremes (large, alternating sign, tiny)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, k, generator=g) * torch.exp2(torch.randint(-12, 4, (v, 1), generator=g).float())
+    w = w.to(torch.bfloat16)
+    w[0] = 6.0e4
+    if v > 1:
+        w[1, ::2], w[1, 1::2] = -6.0e4, 6.0e4
+    if v > 2:
+        w[2] = 1.0e-30
+    return w
+
+
+def bf16_kernel_bound(magnitude: torch.Tensor, k_: int) -> torch.Tensor:
+    return (8 * math.ceil(k_ / 256) + 5 + 2) * U * magnitude
+
+
+BF16_SHAPES = [(1000, 2560), (999, 48), (1001, 44), (37, 2560), (300, 3200), (64, 24576), (5, 7)]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("v,kk", BF16_SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+def test_bf16_kernel_matches_float64(k, dtype, v, kk, m):
+    """Odd V, K not a multiple of 8 (element loads), K past the tile's shared memory, extreme rows,
+    large x, output poisoned with NaN; each row alone gets the same bits as in the batch."""
+    w = random_bf16_table(v, kk, v + kk)
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, kk, generator=g) * 1e2).to(dtype)
+    x[0, :3] = 3e4
+    wd, xd = w.cuda(), x.cuda()
+    out = torch.full((m, v), float("nan"), device="cuda")
+    got = k.lm_head_bf16(xd, wd, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    exact, magnitude = exact_logits(x, w, torch.ones(v))
+    err = (got.cpu().double() - exact).abs()
+    assert not got.isnan().any()
+    assert (err <= bf16_kernel_bound(magnitude, kk)).all(), float((err / magnitude.clamp(min=1e-30)).max())
+    assert torch.equal(k.lm_head_bf16(xd, wd), got)                            # allocating: the same
+    for i in sorted({0, m // 2, m - 1}):                                       # alone: bit-identical
+        assert torch.equal(k.lm_head_bf16(xd[i:i + 1], wd)[0], got[i])
+
+
+@cuda
+def test_bf16_kernel_unaligned_table_takes_element_loads(k):
+    """A table that does not start on a 16-byte boundary: the same numbers through element loads."""
+    v, kk = 300, 2560
+    w = random_bf16_table(v, kk, 3)
+    storage = torch.empty(v * kk + 1, dtype=torch.bfloat16, device="cuda")
+    shifted = storage[1:].view(v, kk)
+    shifted.copy_(w)
+    assert shifted.data_ptr() % 16 != 0
+    x = torch.randn(3, kk, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    got = k.lm_head_bf16(x.cuda(), shifted)
+    assert torch.equal(got, k.lm_head_bf16(x.cuda(), w.cuda()))
+    exact, magnitude = exact_logits(x, w, torch.ones(v))
+    assert ((got.cpu().double() - exact).abs() <= bf16_kernel_bound(magnitude, kk)).all()
+
+
+@cuda
+def test_bf16_kernel_full_2b4t_vocabulary_and_refusals(k):
+    v, kk = 128256, 2560
+    w = (torch.randn(v, kk, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    x = (torch.randn(1, kk, generator=torch.Generator().manual_seed(6)) * 4).to(torch.bfloat16)
+    got = k.lm_head_bf16(x.cuda(), w.cuda(), out=torch.full((1, v), float("nan"), device="cuda"))
+    exact, magnitude = exact_logits(x, w, torch.ones(v))
+    assert ((got.cpu().double() - exact).abs() <= bf16_kernel_bound(magnitude, kk)).all()
+    small, xs = w[:10, :32].cuda(), torch.zeros(2, 32, device="cuda")
+    for bad in [dict(x=xs.half()), dict(x=xs[:, :16]), dict(table=small.float()), dict(table=small.t().contiguous().t()),
+                dict(out=torch.empty(2, 9, device="cuda"))]:
+        with pytest.raises(ValueError):
+            k.lm_head_bf16(**{"x": xs, "table": small, **bad})
+
+
+@cuda
+def test_cuda_ops_bf16_head_uses_the_kernel_up_to_its_rows(monkeypatch):
+    """CudaOps.lm_head: the kernel for up to LM_HEAD_BF16_MAX_ROWS rows of a bf16 table, cuBLAS above;
+    both within the summation bound of the exact logits."""
+    from engine import kernels
+    from engine.cuda_ops import CudaOps
+
+    ops = CudaOps(torch.bfloat16)
+    table = random_bf16_table(5000, 2560, 11).cuda()
+    calls = []
+    real = kernels.lm_head_bf16
+    monkeypatch.setattr(kernels, "lm_head_bf16", lambda *a, **kw: (calls.append(a[0].shape[0]), real(*a, **kw))[1])
+    for m in (1, kernels.LM_HEAD_BF16_MAX_ROWS, kernels.LM_HEAD_BF16_MAX_ROWS + 1):
+        x = torch.randn(m, 2560, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        got = ops.lm_head(x.cuda(), table)
+        exact, magnitude = exact_logits(x, table.cpu(), torch.ones(table.shape[0]))
+        assert ((got.cpu().double() - exact).abs() <= 2600 * U * magnitude).all()
+    assert calls == [1, kernels.LM_HEAD_BF16_MAX_ROWS]
