@@ -1,8 +1,9 @@
 // The LM head as a stream of its table: logits[m, v] = scale[v] * sum_k x[m, k] * w[v, k], for x bf16
 // or fp32 [m, k], logits fp32 [m, V], and w [V, k] row-major either
 //   * int8 with one fp32 scale per vocabulary row (the optional int8 head), or
-//   * bf16 with no scale (the checkpoint's own head: the tied embedding), for up to kLmHeadMaxRows
-//     rows of x, where a GEMM library's kernel reads the table more slowly.
+//   * bf16 with no scale (the checkpoint's own head: the tied embedding), which the engine runs here
+//     for one row of x (engine/kernels.py LM_HEAD_BF16_MAX_ROWS), where cuBLAS reads the table more
+//     slowly.
 //
 // At decode batch sizes this is a pure stream of the table (V * k * sizeof(w) bytes: 328 MB int8 or
 // 657 MB bf16 for 2B-4T), so everything is arranged to keep many bytes in flight and decode them cheaply:

@@ -7,7 +7,7 @@ quantization of the attention output. Attention differs from the reference only 
 summation order: decode steps (flash-decoding kernel, no host sync, so a step replays in a CUDA
 graph) and prompts (fused SDPA, instead of materialized [T, T] scores); so does the LM head (fp32
 products and sums of the bf16 table itself, to keep memory at one copy of the embedding: the
-streaming kernel of csrc/lm_head.cu for one or two rows, a cuBLAS GEMM for more; or, with an
+streaming kernel of csrc/lm_head.cu for one row, a cuBLAS GEMM for more; or, with an
 Int8Head, the same kernel over the int8 table: fp32 products and sums of the same int8 values as
 the reference).
 """
@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 from . import kernels
 from .ops import Int8Head, TernaryWeight, TorchOps
 
-# The bf16 LM head of more than two rows is the engine's only cuBLAS call. On Hopper torch gives cuBLAS
+# The bf16 LM head of more than one row is the engine's only cuBLAS call. On Hopper torch gives cuBLAS
 # a 32 MiB workspace per stream (the runtime uses three: prompts, graph warm-up, graph capture): 100 MB
 # of a 1.6 GB budget, for a GEMV that needs none. 4 MiB each, unless the user chose (read at cuBLAS's
 # first use).
@@ -159,8 +159,8 @@ class CudaOps(TorchOps):
             return kernels.lm_head_int8(x, table.w_q, table.scale)
         if table.dtype == torch.float32:
             return x.float() @ table.t()
-        # one or two rows: the streaming kernel reads the table faster than cuBLAS (BITNET_CUBLAS_HEAD=1,
-        # read at each call, so at graph capture, turns it off for comparisons)
+        # one row: the streaming kernel reads the table faster than cuBLAS (BITNET_CUBLAS_HEAD=1, read at
+        # each call, so at graph capture, turns it off for comparisons)
         if table.dtype == torch.bfloat16 and x.shape[0] <= kernels.LM_HEAD_BF16_MAX_ROWS \
                 and table.shape[1] <= kernels.LM_HEAD_MAX_K and os.environ.get("BITNET_CUBLAS_HEAD") != "1":
             return kernels.lm_head_bf16(x, table)

@@ -311,9 +311,11 @@ def lm_head_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: t
 
 
 # Up to this many rows the bf16 head streams its table through lm_head_bf16; above, one cuBLAS GEMM.
-# H100 decode-step graph replay, in turns (us per step, the kernel / cuBLAS): batch 1 993-1010 /
-# 1015-1020, batch 2 998-999 / 1012-1013, batch 4 1033-1060 / 1045-1046, batch 8 1161-1177 / 1145-1146.
-LM_HEAD_BF16_MAX_ROWS = 2
+# H100 decode-step graph replay, in turns, us per step, the kernel / cuBLAS (README, "The bf16 LM head
+# streams its table"): batch 1 983-1,010 / 1,004-1,020 over 13 rounds on two machines (level in a third
+# run); batch 2 bimodal, 994-1,002 in 9 rounds and 1,022-1,024 in 4, against 1,008-1,013; batch 4
+# 1,033-1,060 / 1,045-1,046; batch 8 1,161-1,177 / 1,145-1,146.
+LM_HEAD_BF16_MAX_ROWS = 1
 
 
 def lm_head_bf16(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None):
