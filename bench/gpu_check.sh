@@ -46,6 +46,9 @@ if want kernels; then
   [ "$arch" = "9.0" ] && ingress_arch="arch=compute_90a,code=sm_90a"
   run_stage l2-ingress l2_ingress.log bash -c "nvcc -std=c++17 -O3 -gencode $ingress_arch bench/l2_ingress.cu \
     -o /tmp/l2_ingress && /tmp/l2_ingress"
+  # the batch-1 LM head over the bf16 table against a lossless 12-bit coding of it
+  run_stage head-formats head_formats.log bash -c "nvcc -std=c++17 -O3 -arch=sm_${arch/./} bench/head_formats.cu \
+    -o /tmp/head_formats && /tmp/head_formats"
 fi
 if want e2e; then
   run_stage e2e e2e.log python3 bench/e2e.py --json "$OUT/e2e.json"
@@ -86,5 +89,5 @@ want profile && { echo "decode profile (no PDL):"; grep -v Warn "$OUT/profile-b1
   echo "one-launch decode kernel (opt-in):"; tail -n 11 "$OUT/profile-b1-fused.log"; }
 want serve && [ -f "$OUT/serve.log" ] && { echo "server:"; tail -n 8 "$OUT/serve.log"; }
 want kernels && { echo "kernel benchmark:"; grep -v "^  [0-9]" "$OUT/bench.log" | tail -n 60; cat "$OUT/launch_floor.log"
-  grep -v -E " (27|54)\.0 " "$OUT/l2_ingress.log"; }  # its 108 KB rows
+  grep -v -E " (27|54)\.0 " "$OUT/l2_ingress.log"; cat "$OUT/head_formats.log"; }  # l2_ingress: its 108 KB rows
 exit $status

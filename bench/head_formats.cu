@@ -1,0 +1,243 @@
+// What the batch-1 LM head costs per table format: the bf16 table (the tied embedding: 657 MB for
+// 2B-4T, read once per decode step) against the same values re-coded losslessly in 12 bits each.
+//
+// The 12-bit code of a bf16 value: one byte of sign and mantissa, and a 4-bit exponent offset below
+// its row's largest exponent (the row's base, one byte per row). Offsets 0..14 decode exactly; a
+// value 15 or more binades below its row's largest (zeros in a nonzero row among them) would be an
+// escape, kept exactly elsewhere; here escapes are only counted, and the rows holding them left out
+// of the comparison. Decoding to fp32 is a byte permute (sign replicated above the byte), one mask
+// and one subtraction for the exponent, merged by one logic op.
+//
+// Both kernels share one skeleton (persistent blocks, x staged in shared memory as fp32, a warp on 4
+// rows, each lane on 16-value chunks lane, lane + 32, ... in the same order, fp32 fma, a warp
+// butterfly), so rows without escapes must give bit-identical logits, which is checked. Timed as
+// graph replays of 10 launches (the table is 13x the L2, so it comes from HBM), against the
+// device-to-device copy bandwidth. Tables: random, N(0, 0.02) per weight (a bf16 table of that kind
+// costs what a trained one costs; its escape rate is the data's), and one with heavy tails and
+// per-row scales, for the escape count only.
+// Standalone (no torch):  nvcc -std=c++17 -O3 -arch=sm_90 bench/head_formats.cu -o head_formats && ./head_formats
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "graph_timing.cuh"
+
+constexpr int kVocab = 128256, kK = 2560, kChunks = kK / 16;  // 2B-4T; 16-value chunks per row
+constexpr int kWarps = 8, kRows = 4;
+static_assert(kVocab % kRows == 0 && kK % (16 * 32) == 0, "whole row groups, whole rounds of chunks");
+
+__device__ __forceinline__ uint32_t hash32(uint32_t x) {
+  x ^= x >> 16, x *= 0x7feb352du, x ^= x >> 15, x *= 0x846ca68bu, x ^= x >> 16;
+  return x;
+}
+__device__ __forceinline__ float uniform(uint32_t i) { return (hash32(i) + 0.5f) * 2.3283064e-10f; }  // (0, 1)
+
+// heavy = 0: N(0, 0.02). heavy = 1: N(0, 1) x exp(N(0, 1)) x a per-row scale 10^(-3 .. -1).
+__global__ void make_table(uint16_t* w, float* x, int heavy) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < (size_t)kVocab * kK) {
+    const uint32_t j = (uint32_t)i;
+    const float z = sqrtf(-2.0f * logf(uniform(2 * j))) * cospif(2.0f * uniform(2 * j + 1));
+    float v = 0.02f * z;
+    if (heavy) {
+      const float z2 = sqrtf(-2.0f * logf(uniform(~j))) * cospif(2.0f * uniform(j ^ 0x5bd1e995u));
+      v = z * expf(z2) * exp10f(-3.0f + 2.0f * uniform((uint32_t)(i / kK) + 12345u));
+    }
+    w[i] = (uint16_t)(__float_as_uint(v) >> 16);
+  }
+  if (i < kK) x[i] = uniform((uint32_t)i + 777u) - 0.5f;
+}
+
+// One block per row: the base, the codes, and how many of the row's values would be escapes.
+__global__ void encode(const uint16_t* w, uint8_t* sign_mantissa, uint32_t* offsets, uint8_t* base, int* row_escapes) {
+  const int row = blockIdx.x;
+  __shared__ int top, escapes;
+  if (threadIdx.x == 0) top = 0, escapes = 0;
+  __syncthreads();
+  int e = 0;
+  for (int k = threadIdx.x; k < kK; k += blockDim.x) e = max(e, (w[(size_t)row * kK + k] >> 7) & 0xFF);
+  atomicMax(&top, e);
+  __syncthreads();
+  for (int j = threadIdx.x; j < kK / 8; j += blockDim.x) {  // offset word j: values 8j .. 8j + 7, 4 bits each
+    uint32_t word = 0;
+    for (int t = 0; t < 8; ++t) {
+      const uint16_t v = w[(size_t)row * kK + 8 * j + t];
+      int off = top - ((v >> 7) & 0xFF);
+      if (off >= 15) off = 15, atomicAdd(&escapes, 1);
+      word |= (uint32_t)off << (4 * t);
+      sign_mantissa[(size_t)row * kK + 8 * j + t] = (uint8_t)(((v >> 8) & 0x80) | (v & 0x7F));
+    }
+    offsets[(size_t)row * (kK / 8) + j] = word;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) base[row] = (uint8_t)top, row_escapes[row] = escapes;
+}
+
+__device__ __forceinline__ uint4 load16(const void* p) {  // read once: past L1, whole 256-byte L2 lines
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 load8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// kCoded false: bf16 table (two 16-byte loads per chunk); true: 12-bit (16 + 8 bytes per chunk)
+template <bool kCoded>
+__global__ void __launch_bounds__(kWarps * 32) head(const void* table, const uint32_t* offsets, const uint8_t* base,
+                                                    const float* x, float* logits) {
+  __shared__ float xs[kK];
+  for (int k = threadIdx.x; k < kK; k += blockDim.x) xs[k] = x[k];
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = blockIdx.x * kWarps + (threadIdx.x >> 5), warps = gridDim.x * kWarps;
+  for (int r0 = warp * kRows; r0 < kVocab; r0 += warps * kRows) {
+    float acc[kRows];
+    uint32_t base23[kRows];  // the row's base exponent in place
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f, base23[r] = kCoded ? (uint32_t)base[r0 + r] << 23 : 0;
+    for (int c = lane; c < kChunks; c += 32) {
+      uint4 lo[kRows], hi[kRows];
+      uint2 off[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (!kCoded) {
+          const uint16_t* p = static_cast<const uint16_t*>(table) + (size_t)(r0 + r) * kK + 16 * c;
+          lo[r] = load16(p), hi[r] = load16(p + 8);
+        } else {
+          lo[r] = load16(static_cast<const uint8_t*>(table) + (size_t)(r0 + r) * kK + 16 * c);
+          off[r] = load8(offsets + (size_t)(r0 + r) * (kK / 8) + 2 * c);
+        }
+      }
+      const float4* xv = reinterpret_cast<const float4*>(xs + 16 * c);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float wv[16];
+        if (!kCoded) {
+          const uint32_t u[8] = {lo[r].x, lo[r].y, lo[r].z, lo[r].w, hi[r].x, hi[r].y, hi[r].z, hi[r].w};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) wv[2 * j] = __uint_as_float(u[j] << 16), wv[2 * j + 1] = __uint_as_float(u[j] & 0xFFFF0000u);
+        } else {
+          const uint32_t sm[4] = {lo[r].x, lo[r].y, lo[r].z, lo[r].w};
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            // result bytes [0, 0, b, b's sign replicated]: sign at bit 31, mantissa at 16..22 after the mask
+            const uint32_t select = 0x44u | (uint32_t)(j % 4) << 8 | (uint32_t)((j % 4) | 8) << 12;
+            uint32_t p;
+            asm("prmt.b32 %0, %1, %2, %3;" : "=r"(p) : "r"(sm[j / 4]), "r"(0u), "r"(select));
+            const uint32_t word = j < 8 ? off[r].x : off[r].y;
+            const int t = j % 8;  // the offset's 4 bits moved to the exponent's lowest bits (23 ..)
+            const uint32_t off23 = (t <= 5 ? word << (23 - 4 * t) : word >> (4 * t - 23)) & 0x07800000u;
+            wv[j] = __uint_as_float((p & 0x807F0000u) | (base23[r] - off23));
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 xq = xv[q];
+          acc[r] = fmaf(wv[4 * q], xq.x, acc[r]);
+          acc[r] = fmaf(wv[4 * q + 1], xq.y, acc[r]);
+          acc[r] = fmaf(wv[4 * q + 2], xq.z, acc[r]);
+          acc[r] = fmaf(wv[4 * q + 3], xq.w, acc[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float s = acc[r];
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0) logits[r0 + r] = s;
+    }
+  }
+}
+
+int main() {
+  const size_t n = (size_t)kVocab * kK;
+  uint16_t* w;
+  uint8_t *sign_mantissa, *base;
+  uint32_t* offsets;
+  int* row_escapes;
+  float *x, *logits_bf16, *logits_coded;
+  CHECK(cudaMalloc(&w, n * 2));
+  CHECK(cudaMalloc(&sign_mantissa, n));
+  CHECK(cudaMalloc(&offsets, n / 2));
+  CHECK(cudaMalloc(&base, kVocab));
+  CHECK(cudaMalloc(&row_escapes, kVocab * sizeof(int)));
+  CHECK(cudaMalloc(&x, kK * sizeof(float)));
+  CHECK(cudaMalloc(&logits_bf16, kVocab * sizeof(float)));
+  CHECK(cudaMalloc(&logits_coded, kVocab * sizeof(float)));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::vector<int> esc(kVocab);
+  auto escape_stats = [&](const char* what) {
+    CHECK(cudaMemcpy(esc.data(), row_escapes, kVocab * sizeof(int), cudaMemcpyDeviceToHost));
+    long long total = 0;
+    int rows = 0;
+    for (int e : esc) total += e, rows += e > 0;
+    std::printf("%-52s escapes %lld (%.1e of the values, %.2f per row), rows with any %d (%.1f%%)\n", what, total,
+                (double)total / n, (double)total / kVocab, rows, 100.0 * rows / kVocab);
+  };
+  std::printf("%s, a %d x %d table, batch 1\n", prop.name, kVocab, kK);
+  make_table<<<(unsigned)((n + 255) / 256), 256>>>(w, x, 1);
+  encode<<<kVocab, 256>>>(w, sign_mantissa, offsets, base, row_escapes);
+  CHECK(cudaDeviceSynchronize());
+  escape_stats("heavy tails, row scales 1e-3 .. 1e-1:");
+  make_table<<<(unsigned)((n + 255) / 256), 256>>>(w, x, 0);
+  encode<<<kVocab, 256>>>(w, sign_mantissa, offsets, base, row_escapes);
+  CHECK(cudaDeviceSynchronize());
+  escape_stats("N(0, 0.02) (the timed table):");
+
+  // copy bandwidth: the best of graph-captured and back-to-back 1 GiB copies (bytes read + written)
+  void *c0, *c1;
+  CHECK(cudaMalloc(&c0, 1 << 30));
+  CHECK(cudaMalloc(&c1, 1 << 30));
+  float copy_us = graph_us_per_launch(5, 9, [&](cudaStream_t s, int) {
+    CHECK(cudaMemcpyAsync(c1, c0, 1 << 30, cudaMemcpyDeviceToDevice, s));
+  });
+  for (int r = 0; r < 3; ++r) {
+    cudaEvent_t a, b;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+    CHECK(cudaEventRecord(a));
+    for (int i = 0; i < 5; ++i) CHECK(cudaMemcpyAsync(c1, c0, 1 << 30, cudaMemcpyDeviceToDevice));
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    copy_us = std::min(copy_us, ms * 1000 / 5);
+  }
+  CHECK(cudaFree(c0));
+  CHECK(cudaFree(c1));
+  const double bandwidth = 2.0 * (1 << 30) / (copy_us * 1e-6);
+
+  int per_sm[2];
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[0], head<false>, kWarps * 32, 0));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[1], head<true>, kWarps * 32, 0));
+  const int grid[2] = {per_sm[0] * prop.multiProcessorCount, per_sm[1] * prop.multiProcessorCount};
+  std::printf("copy bandwidth %.2f TB/s; us per launch (graph replays of 10), and the table's bytes over that time\n",
+              bandwidth / 1e12);
+  std::printf("%-26s %8s %8s %10s %10s\n", "table", "MB", "us", "TB/s read", "floor us");
+  for (int round = 0; round < 3; ++round) {
+    const float us[2] = {
+        graph_us_per_launch(10, 15, [&](cudaStream_t s, int) {
+          head<false><<<grid[0], kWarps * 32, 0, s>>>(w, nullptr, nullptr, x, logits_bf16);
+        }),
+        graph_us_per_launch(10, 15, [&](cudaStream_t s, int) {
+          head<true><<<grid[1], kWarps * 32, 0, s>>>(sign_mantissa, offsets, base, x, logits_coded);
+        })};
+    const double bytes[2] = {2.0 * n, 1.5 * n + kVocab};
+    const char* names[2] = {"bf16", "12-bit (1 B + 4 bits)"};
+    for (int f = 0; f < 2; ++f)
+      std::printf("%-26s %8.0f %8.1f %10.2f %10.1f\n", names[f], bytes[f] / 1e6, us[f], bytes[f] / (us[f] * 1e-6) / 1e12,
+                  bytes[f] / bandwidth * 1e6);
+  }
+  std::vector<float> a(kVocab), b(kVocab);
+  CHECK(cudaMemcpy(a.data(), logits_bf16, kVocab * sizeof(float), cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(b.data(), logits_coded, kVocab * sizeof(float), cudaMemcpyDeviceToHost));
+  int clean = 0, differ = 0;
+  for (int i = 0; i < kVocab; ++i)
+    if (esc[i] == 0) ++clean, differ += a[i] != b[i];
+  std::printf("rows without escapes: %d; their logits differing from the bf16 table's in any bit: %d\n", clean, differ);
+  return differ == 0 ? 0 : 1;
+}
