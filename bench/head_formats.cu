@@ -1,4 +1,4 @@
-// What the batch-1 LM head costs per table format: the bf16 table (the tied embedding: 657 MB for
+// What the LM head costs per table format: the bf16 table (the tied embedding: 657 MB for
 // 2B-4T, read once per decode step) against the same values re-coded losslessly in 12 bits each.
 //
 // The 12-bit code of a bf16 value: one byte of sign and mantissa, and a 4-bit exponent offset below
@@ -8,16 +8,21 @@
 // of the comparison. Decoding to fp32 is a byte permute (sign replicated above the byte), one mask
 // and one subtraction for the exponent, merged by one logic op.
 //
-// Both kernels share one skeleton (persistent blocks, x staged in shared memory as fp32, a warp on 4
-// rows, each lane on 16-value chunks lane, lane + 32, ... in the same order, fp32 fma, a warp
-// butterfly), so rows without escapes must give bit-identical logits, which is checked. Timed as
+// Batch 1 on fp32 fmas: both kernels share one skeleton (persistent blocks, x staged in shared memory
+// as fp32, a warp on 4 rows, each lane on 16-value chunks lane, lane + 32, ... in the same order, a
+// warp butterfly), so rows without escapes must give bit-identical logits, which is checked. Then m
+// tokens on the tensor cores: both tables tiled for mma.m16n8k16's A fragment, x in bf16, m-tiles of
+// 16 or 32 tokens in shared memory; again bit-identical logits for tiles without escapes. Timed as
 // graph replays of 10 launches (the table is 13x the L2, so it comes from HBM), against the
 // device-to-device copy bandwidth. Tables: random, N(0, 0.02) per weight (a bf16 table of that kind
 // costs what a trained one costs; its escape rate is the data's), and one with heavy tails and
 // per-row scales, for the escape count only.
 // Standalone (no torch):  nvcc -std=c++17 -O3 -arch=sm_90 bench/head_formats.cu -o head_formats && ./head_formats
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "graph_timing.cuh"
@@ -45,7 +50,7 @@ __global__ void make_table(uint16_t* w, float* x, int heavy) {
     }
     w[i] = (uint16_t)(__float_as_uint(v) >> 16);
   }
-  if (i < kK) x[i] = uniform((uint32_t)i + 777u) - 0.5f;
+  if (i < kK) x[i] = __uint_as_float(__float_as_uint(uniform((uint32_t)i + 777u) - 0.5f) & 0xFFFF0000u);  // bf16 values
 }
 
 // One block per row: the base, the codes, and how many of the row's values would be escapes.
@@ -152,6 +157,125 @@ __global__ void __launch_bounds__(kWarps * 32) head(const void* table, const uin
   }
 }
 
+// ---- the same tables on the tensor cores, for m tokens (mma.m16n8k16 bf16, fp32 accumulation) ----
+// Tiled for the MMA's A fragment: for vocabulary tile t (16 rows), 64-value k-block b and lane L
+// (g = L / 4, q = L % 4), value v = 2 p + h of the lane's 32 (pair p = 4 s + r: k-step s, A register
+// r) is row 16 t + g + 8 (r & 1), input 64 b + 16 s + 2 q + 8 (r >> 1) + h. The bf16 tiles hold those
+// 32 values (64 bytes); the coded tiles their 32 sign+mantissa bytes and 16 bytes of offsets (word
+// p / 4, pair p % 4 = j: the low value's offset at bits 4 j, the high one's at 16 + 4 j), so that one
+// shift and one mask put both offsets under the two bf16 exponents of the A register.
+constexpr int kTiles = kVocab / 16, kBlocks = kK / 64, kXStride = kK + 8;  // +8: no bank conflicts
+
+__device__ __forceinline__ void fragment_position(int lane, int v, int& row, int& k) {
+  const int g = lane >> 2, q = lane & 3, p = v >> 1, h = v & 1, s = p >> 2, r = p & 3;
+  row = g + 8 * (r & 1), k = 16 * s + 2 * q + 8 * (r >> 1) + h;
+}
+
+// one thread per (tile, block, lane)
+__global__ void tile_tables(const uint16_t* w, const uint8_t* sign_mantissa, const uint32_t* offsets,
+                            uint16_t* bf16_tiles, uint8_t* sm_tiles, uint32_t* offset_tiles) {
+  const size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (id >= (size_t)kTiles * kBlocks * 32) return;
+  const int lane = id % 32, b = (id / 32) % kBlocks, t = id / (32 * kBlocks);
+  uint32_t off_words[4] = {0, 0, 0, 0};
+  for (int v = 0; v < 32; ++v) {
+    int row, k;
+    fragment_position(lane, v, row, k);
+    const size_t src = (size_t)(16 * t + row) * kK + 64 * b + k;
+    bf16_tiles[id * 32 + v] = w[src];
+    sm_tiles[id * 32 + v] = sign_mantissa[src];
+    const uint32_t off = (offsets[src / 8] >> (4 * (src % 8))) & 0xF;
+    const int p = v >> 1;
+    off_words[p >> 2] |= off << (4 * (p & 3) + 16 * (v & 1));
+  }
+  for (int i = 0; i < 4; ++i) offset_tiles[id * 4 + i] = off_words[i];
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// grid.y: m-tiles of kMTile tokens (16 or 32); x bf16 [m, kK]; logits fp32 [m, kVocab]
+template <bool kCoded, int kMTile>
+__global__ void __launch_bounds__(kWarps * 32) head_mma(const void* tiles, const uint32_t* offset_tiles,
+                                                        const uint8_t* base, const uint16_t* x, int m, float* logits) {
+  extern __shared__ uint16_t xs[];  // [8 nt][kXStride]
+  const int tok0 = blockIdx.y * kMTile, mt = min(kMTile, m - tok0), nt = (mt + 7) / 8;
+  for (int i = threadIdx.x; i < 8 * nt * kK / 8; i += blockDim.x) {  // 16-byte pieces, zeros past m
+    const int t = i / (kK / 8), c = i % (kK / 8);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (t < mt) v = *reinterpret_cast<const uint4*>(x + (size_t)(tok0 + t) * kK + 8 * c);
+    *reinterpret_cast<uint4*>(xs + t * kXStride + 8 * c) = v;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), warps = gridDim.x * kWarps;
+  for (int t = warp; t < kTiles; t += warps) {
+    float acc[kMTile / 8][4] = {};
+    uint32_t base2[2] = {0, 0};  // rows g and g + 8: the base exponent under both halves of a register
+    if (kCoded) {
+      const uint32_t b0 = base[16 * t + g], b1 = base[16 * t + g + 8];
+      base2[0] = b0 << 7 | b0 << 23, base2[1] = b1 << 7 | b1 << 23;
+    }
+    for (int b = 0; b < kBlocks; b += 2) {
+      uint4 raw[2][4];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const size_t id = ((size_t)t * kBlocks + b + u) * 32 + lane;
+        if (!kCoded) {
+          const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(tiles) + id * 32);
+          raw[u][0] = load16(p), raw[u][1] = load16(p + 1), raw[u][2] = load16(p + 2), raw[u][3] = load16(p + 3);
+        } else {
+          const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(tiles) + id * 32);
+          raw[u][0] = load16(p), raw[u][1] = load16(p + 1), raw[u][2] = load16(offset_tiles + id * 4);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          uint32_t a[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int p = 4 * s + r;
+            if (!kCoded) {
+              const uint4 v = raw[u][p / 4];
+              a[r] = (p % 4 == 0) ? v.x : (p % 4 == 1) ? v.y : (p % 4 == 2) ? v.z : v.w;
+            } else {
+              const uint4 smv = raw[u][p / 8];
+              const int wi = (p / 2) % 4;
+              const uint32_t smw = wi == 0 ? smv.x : wi == 1 ? smv.y : wi == 2 ? smv.z : smv.w;
+              uint32_t bits;  // [lo byte, its sign replicated, hi byte, its sign replicated]
+              asm("prmt.b32 %0, %1, %2, %3;" : "=r"(bits) : "r"(smw), "r"(0u), "r"(p % 2 ? 0xB3A2u : 0x9180u));
+              const uint4 ov = raw[u][2];
+              const int j = p % 4;
+              const uint32_t ow = (p / 4) == 0 ? ov.x : (p / 4) == 1 ? ov.y : (p / 4) == 2 ? ov.z : ov.w;
+              const uint32_t off = (j == 0 ? ow << 7 : j == 1 ? ow << 3 : j == 2 ? ow >> 1 : ow >> 5) & 0x07800780u;
+              a[r] = (bits & 0x807F807Fu) | (base2[r & 1] - off);
+            }
+          }
+          const int k = 64 * (b + u) + 16 * s + 2 * q;
+#pragma unroll
+          for (int j = 0; j < kMTile / 8; ++j) {
+            if (j >= nt) break;  // warp-uniform
+            const uint16_t* xr = xs + (8 * j + g) * kXStride + k;
+            mma_bf16(acc[j], a, *reinterpret_cast<const uint32_t*>(xr), *reinterpret_cast<const uint32_t*>(xr + 8));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kMTile / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int tok = 8 * j + 2 * q + (c & 1);
+        if (tok < mt) logits[(size_t)(tok0 + tok) * kVocab + 16 * t + g + 8 * (c >> 1)] = acc[j][c];
+      }
+  }
+}
+
 int main() {
   const size_t n = (size_t)kVocab * kK;
   uint16_t* w;
@@ -239,5 +363,69 @@ int main() {
   for (int i = 0; i < kVocab; ++i)
     if (esc[i] == 0) ++clean, differ += a[i] != b[i];
   std::printf("rows without escapes: %d; their logits differing from the bf16 table's in any bit: %d\n", clean, differ);
+
+  // tensor cores, m tokens: the tables tiled for the MMA, x rows in bf16 (row 0: the x above)
+  constexpr int kMaxM = 64;
+  uint16_t *bf16_tiles, *xb;
+  uint8_t* sm_tiles;
+  uint32_t* offset_tiles;
+  float *mma_bf16_logits, *mma_coded_logits;
+  CHECK(cudaMalloc(&bf16_tiles, n * 2));
+  CHECK(cudaMalloc(&sm_tiles, n));
+  CHECK(cudaMalloc(&offset_tiles, n / 2));
+  CHECK(cudaMalloc(&xb, (size_t)kMaxM * kK * 2));
+  CHECK(cudaMalloc(&mma_bf16_logits, (size_t)kMaxM * kVocab * sizeof(float)));
+  CHECK(cudaMalloc(&mma_coded_logits, (size_t)kMaxM * kVocab * sizeof(float)));
+  tile_tables<<<(unsigned)(((size_t)kTiles * kBlocks * 32 + 255) / 256), 256>>>(w, sign_mantissa, offsets, bf16_tiles,
+                                                                            sm_tiles, offset_tiles);
+  std::vector<float> xh(kK);
+  CHECK(cudaMemcpy(xh.data(), x, kK * sizeof(float), cudaMemcpyDeviceToHost));
+  std::vector<uint16_t> xbh((size_t)kMaxM * kK);
+  for (int t = 0; t < kMaxM; ++t)
+    for (int k = 0; k < kK; ++k) {
+      float v = t == 0 ? xh[k] : xh[(k * 7 + t * 131) % kK] * (1.0f + 0.01f * t);
+      uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      xbh[(size_t)t * kK + k] = (uint16_t)(bits >> 16);
+    }
+  CHECK(cudaMemcpy(xb, xbh.data(), xbh.size() * 2, cudaMemcpyHostToDevice));
+  std::printf("tensor cores (mma.m16n8k16 bf16), x in bf16, m tokens in m-tiles of 16 or 32 (grid.y); us per launch,\n"
+              "the table's bytes over that time, and logits of escape-free tiles differing in any bit\n");
+  std::printf("%4s %6s %14s %8s %12s %8s %8s\n", "m", "m-tile", "bf16 tiles us", "TB/s", "12-bit us", "TB/s", "differ");
+  auto run = [&](auto bf16_kernel, auto coded_kernel, int mtile, int m) {
+    const int nt = (std::min(m, mtile) + 7) / 8, smem = 8 * nt * kXStride * 2;
+    CHECK(cudaFuncSetAttribute(bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CHECK(cudaFuncSetAttribute(coded_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, coded_kernel, kWarps * 32, smem));
+    const dim3 g(per_sm * prop.multiProcessorCount, (m + mtile - 1) / mtile);
+    const float t_bf16 = graph_us_per_launch(10, 15, [&](cudaStream_t s, int) {
+      bf16_kernel<<<g, kWarps * 32, smem, s>>>(bf16_tiles, nullptr, nullptr, xb, m, mma_bf16_logits);
+    });
+    const float t_coded = graph_us_per_launch(10, 15, [&](cudaStream_t s, int) {
+      coded_kernel<<<g, kWarps * 32, smem, s>>>(sm_tiles, offset_tiles, base, xb, m, mma_coded_logits);
+    });
+    std::vector<float> lb((size_t)m * kVocab), lc((size_t)m * kVocab);
+    CHECK(cudaMemcpy(lb.data(), mma_bf16_logits, lb.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(lc.data(), mma_coded_logits, lc.size() * 4, cudaMemcpyDeviceToHost));
+    long long bad = 0;
+    for (int t = 0; t < kTiles; ++t) {
+      bool escapes = false;
+      for (int r = 0; r < 16; ++r) escapes |= esc[16 * t + r] > 0;
+      if (escapes) continue;
+      for (int tok = 0; tok < m; ++tok)
+        for (int r = 0; r < 16; ++r) bad += lb[(size_t)tok * kVocab + 16 * t + r] != lc[(size_t)tok * kVocab + 16 * t + r];
+    }
+    differ += (int)bad;
+    std::printf("%4d %6d %14.1f %8.2f %12.1f %8.2f %8lld\n", m, mtile, t_bf16, 2.0 * n / (t_bf16 * 1e-6) / 1e12, t_coded,
+                (1.5 * n + kVocab) / (t_coded * 1e-6) / 1e12, bad);
+    if (m == 1) {  // the MMA kernel against the fma kernel: the same values (x row 0), another order
+      double worst = 0;
+      for (int i = 0; i < kVocab; ++i) worst = std::max(worst, (double)std::fabs(lb[i] - a[i]));
+      std::printf("     m = 1: the MMA kernel against the fma kernel, largest |difference| %.3g\n", worst);
+    }
+  };
+  for (int m : {1, 8, 16, 32, 64}) run(head_mma<false, 16>, head_mma<true, 16>, 16, m);
+  for (int m : {32, 64}) run(head_mma<false, 32>, head_mma<true, 32>, 32, m);
   return differ == 0 ? 0 : 1;
 }
