@@ -12,7 +12,8 @@
 // as fp32, a warp on 4 rows, each lane on 16-value chunks lane, lane + 32, ... in the same order, a
 // warp butterfly), so rows without escapes must give bit-identical logits, which is checked. Then m
 // tokens on the tensor cores: both tables tiled for mma.m16n8k16's A fragment, x in bf16, m-tiles of
-// 16 or 32 tokens in shared memory; again bit-identical logits for tiles without escapes. Timed as
+// 16 or 32 tokens in shared memory (B fragments by ldmatrix), 8 or 16 warps a block; again
+// bit-identical logits for tiles without escapes. Timed as
 // graph replays of 10 launches (the table is 13x the L2, so it comes from HBM), against the
 // device-to-device copy bandwidth. Tables: random, N(0, 0.02) per weight (a bf16 table of that kind
 // costs what a trained one costs; its escape rate is the data's), and one with heavy tails and
@@ -197,9 +198,11 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// grid.y: m-tiles of kMTile tokens (16 or 32); x bf16 [m, kK]; logits fp32 [m, kVocab]
-template <bool kCoded, int kMTile>
-__global__ void __launch_bounds__(kWarps * 32) head_mma(const void* tiles, const uint32_t* offset_tiles,
+// grid.y: m-tiles of kMTile tokens (16 or 32), all blocks resident at once (grid.x shrinks with grid.y)
+// so that the m-tiles read each table tile at about the same time, from L2 after the first; kW warps
+// per block; x bf16 [m, kK]; logits fp32 [m, kVocab]. B fragments by ldmatrix, two n-tiles at a time.
+template <bool kCoded, int kMTile, int kW>
+__global__ void __launch_bounds__(kW * 32) head_mma(const void* tiles, const uint32_t* offset_tiles,
                                                         const uint8_t* base, const uint16_t* x, int m, float* logits) {
   extern __shared__ uint16_t xs[];  // [8 nt][kXStride]
   const int tok0 = blockIdx.y * kMTile, mt = min(kMTile, m - tok0), nt = (mt + 7) / 8;
@@ -211,7 +214,10 @@ __global__ void __launch_bounds__(kWarps * 32) head_mma(const void* tiles, const
   }
   __syncthreads();
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), warps = gridDim.x * kWarps;
+  const int warp = blockIdx.x * kW + (threadIdx.x >> 5), warps = gridDim.x * kW;
+  // ldmatrix rows: lanes 0-7 / 8-15 / 16-23 / 24-31 address n-tile j's inputs k .. k+7 / k+8 .. k+15 and
+  // n-tile j+1's, one token row each
+  const uint32_t x_lane = (uint32_t)__cvta_generic_to_shared(xs + ((lane & 7) + 8 * (lane >> 4)) * kXStride + 8 * ((lane >> 3) & 1));
   for (int t = warp; t < kTiles; t += warps) {
     float acc[kMTile / 8][4] = {};
     uint32_t base2[2] = {0, 0};  // rows g and g + 8: the base exponent under both halves of a register
@@ -256,12 +262,21 @@ __global__ void __launch_bounds__(kWarps * 32) head_mma(const void* tiles, const
               a[r] = (bits & 0x807F807Fu) | (base2[r & 1] - off);
             }
           }
-          const int k = 64 * (b + u) + 16 * s + 2 * q;
+          const uint32_t k_bytes = 2 * (64 * (b + u) + 16 * s);
 #pragma unroll
-          for (int j = 0; j < kMTile / 8; ++j) {
+          for (int j = 0; j < kMTile / 8; j += 2) {
             if (j >= nt) break;  // warp-uniform
-            const uint16_t* xr = xs + (8 * j + g) * kXStride + k;
-            mma_bf16(acc[j], a, *reinterpret_cast<const uint32_t*>(xr), *reinterpret_cast<const uint32_t*>(xr + 8));
+            const uint32_t addr = x_lane + k_bytes + (uint32_t)(8 * j * kXStride * 2);
+            uint32_t f0, f1, f2, f3;
+            if (j + 1 < nt) {
+              asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                           : "=r"(f0), "=r"(f1), "=r"(f2), "=r"(f3) : "r"(addr));
+              mma_bf16(acc[j], a, f0, f1);
+              mma_bf16(acc[j + 1], a, f2, f3);
+            } else {
+              asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(f0), "=r"(f1) : "r"(addr));
+              mma_bf16(acc[j], a, f0, f1);
+            }
           }
         }
       }
@@ -391,19 +406,21 @@ int main() {
   CHECK(cudaMemcpy(xb, xbh.data(), xbh.size() * 2, cudaMemcpyHostToDevice));
   std::printf("tensor cores (mma.m16n8k16 bf16), x in bf16, m tokens in m-tiles of 16 or 32 (grid.y); us per launch,\n"
               "the table's bytes over that time, and logits of escape-free tiles differing in any bit\n");
-  std::printf("%4s %6s %14s %8s %12s %8s %8s\n", "m", "m-tile", "bf16 tiles us", "TB/s", "12-bit us", "TB/s", "differ");
-  auto run = [&](auto bf16_kernel, auto coded_kernel, int mtile, int m) {
+  std::printf("%4s %6s %6s %14s %8s %12s %8s %8s\n", "m", "m-tile", "warps", "bf16 tiles us", "TB/s", "12-bit us", "TB/s",
+              "differ");
+  auto run = [&](auto bf16_kernel, auto coded_kernel, int mtile, int warps, int m) {
     const int nt = (std::min(m, mtile) + 7) / 8, smem = 8 * nt * kXStride * 2;
     CHECK(cudaFuncSetAttribute(bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     CHECK(cudaFuncSetAttribute(coded_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int per_sm = 0;
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, coded_kernel, kWarps * 32, smem));
-    const dim3 g(per_sm * prop.multiProcessorCount, (m + mtile - 1) / mtile);
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, coded_kernel, warps * 32, smem));
+    const int gy = (m + mtile - 1) / mtile;
+    const dim3 g(std::max(1, per_sm * prop.multiProcessorCount / gy), gy);
     const float t_bf16 = graph_us_per_launch(10, 15, [&](cudaStream_t s, int) {
-      bf16_kernel<<<g, kWarps * 32, smem, s>>>(bf16_tiles, nullptr, nullptr, xb, m, mma_bf16_logits);
+      bf16_kernel<<<g, warps * 32, smem, s>>>(bf16_tiles, nullptr, nullptr, xb, m, mma_bf16_logits);
     });
     const float t_coded = graph_us_per_launch(10, 15, [&](cudaStream_t s, int) {
-      coded_kernel<<<g, kWarps * 32, smem, s>>>(sm_tiles, offset_tiles, base, xb, m, mma_coded_logits);
+      coded_kernel<<<g, warps * 32, smem, s>>>(sm_tiles, offset_tiles, base, xb, m, mma_coded_logits);
     });
     std::vector<float> lb((size_t)m * kVocab), lc((size_t)m * kVocab);
     CHECK(cudaMemcpy(lb.data(), mma_bf16_logits, lb.size() * 4, cudaMemcpyDeviceToHost));
@@ -417,7 +434,7 @@ int main() {
         for (int r = 0; r < 16; ++r) bad += lb[(size_t)tok * kVocab + 16 * t + r] != lc[(size_t)tok * kVocab + 16 * t + r];
     }
     differ += (int)bad;
-    std::printf("%4d %6d %14.1f %8.2f %12.1f %8.2f %8lld\n", m, mtile, t_bf16, 2.0 * n / (t_bf16 * 1e-6) / 1e12, t_coded,
+    std::printf("%4d %6d %6d %14.1f %8.2f %12.1f %8.2f %8lld\n", m, mtile, warps, t_bf16, 2.0 * n / (t_bf16 * 1e-6) / 1e12, t_coded,
                 (1.5 * n + kVocab) / (t_coded * 1e-6) / 1e12, bad);
     if (m == 1) {  // the MMA kernel against the fma kernel: the same values (x row 0), another order
       double worst = 0;
@@ -425,7 +442,8 @@ int main() {
       std::printf("     m = 1: the MMA kernel against the fma kernel, largest |difference| %.3g\n", worst);
     }
   };
-  for (int m : {1, 8, 16, 32, 64}) run(head_mma<false, 16>, head_mma<true, 16>, 16, m);
-  for (int m : {32, 64}) run(head_mma<false, 32>, head_mma<true, 32>, 32, m);
+  for (int m : {1, 8, 16, 32, 64}) run(head_mma<false, 16, 8>, head_mma<true, 16, 8>, 16, 8, m);
+  for (int m : {16, 32, 64}) run(head_mma<false, 16, 16>, head_mma<true, 16, 16>, 16, 16, m);
+  for (int m : {32, 64}) run(head_mma<false, 32, 16>, head_mma<true, 32, 16>, 32, 16, m);
   return differ == 0 ? 0 : 1;
 }
